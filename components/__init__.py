@@ -1,0 +1,1 @@
+"""Reusable, side-effect-free parts: data, models, losses, methods, metrics."""

@@ -1,0 +1,159 @@
+"""The one typed configuration: `params.yaml` validated by pydantic before any work starts.
+
+Every field is required here on purpose: `params.yaml` is the single place where defaults live,
+so a value a stage uses can always be found (and changed with `dvc exp run -S`) there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from segshift.components.data.synthetic import CONDITIONS
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file, key path, value and rule."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class BuiltinCounts(_Strict):
+    source_train: int = Field(ge=1)
+    source_val: int = Field(ge=1)
+    target_train: int = Field(ge=1)
+    target_val: int = Field(ge=1)
+    target_test: int = Field(ge=1)
+
+
+class BuiltinConfig(_Strict):
+    """The procedural street-scene generator (the embedded default dataset)."""
+
+    seed: int = Field(ge=0)
+    height: int = Field(ge=32, le=2048, multiple_of=8)
+    width: int = Field(ge=32, le=4096, multiple_of=8)
+    counts: BuiltinCounts
+    # Relative frequency of each target weather/light condition; unknown names are rejected.
+    conditions: dict[str, float]
+
+    @model_validator(mode="after")
+    def _known_conditions(self) -> "BuiltinConfig":
+        unknown = sorted(set(self.conditions) - set(CONDITIONS))
+        if unknown:
+            raise ValueError(f"unknown condition(s) {unknown}; allowed: {list(CONDITIONS)}")
+        if any(w < 0 for w in self.conditions.values()) or sum(self.conditions.values()) <= 0:
+            raise ValueError("condition weights must be >= 0 with a positive sum")
+        return self
+
+
+DatasetKind = Literal["builtin", "gta5", "cityscapes", "synthia"]
+
+
+class DomainConfig(_Strict):
+    """Where one domain (source or target) comes from and how it is prepared."""
+
+    kind: DatasetKind
+    root: str | None  # local path or s3://bucket/prefix; null for builtin
+    resize: tuple[int, int] | None  # [width, height] of prepared images; null keeps native size
+    # Share of the train split held out as a validation split when the dataset has none.
+    val_fraction: float = Field(ge=0.0, le=0.5)
+
+    @model_validator(mode="after")
+    def _root_matches_kind(self) -> "DomainConfig":
+        if self.kind == "builtin" and self.root is not None:
+            raise ValueError("root must be null when kind is 'builtin'")
+        if self.kind != "builtin" and not self.root:
+            raise ValueError(f"root is required when kind is '{self.kind}'")
+        if self.resize is not None and min(self.resize) < 16:
+            raise ValueError(f"resize {list(self.resize)} too small; both sides must be >= 16")
+        return self
+
+
+class PrepareConfig(_Strict):
+    out_dir: str
+    strict: bool  # true: any bad sample is an error; false: skip it and list it in skipped.csv
+    workers: int = Field(ge=1, le=256)
+    source: DomainConfig
+    target: DomainConfig
+    builtin: BuiltinConfig
+
+    @model_validator(mode="after")
+    def _domains_make_sense(self) -> "PrepareConfig":
+        if self.target.kind in ("gta5", "synthia"):
+            raise ValueError(f"target.kind '{self.target.kind}' is a synthetic source dataset; "
+                             "use 'cityscapes' or 'builtin' as target")
+        return self
+
+
+class StorageConfig(_Strict):
+    s3_endpoint_url: str | None  # S3-compatible store (MinIO, moto); null = AWS / AWS_ENDPOINT_URL
+
+
+class Params(_Strict):
+    prepare: PrepareConfig
+    storage: StorageConfig
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"{path}: {err['msg']} (got {shown})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at the parent of `loc`, for 'unknown key' messages."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def validate_params(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            line = _format_error(err)
+            if err["type"] == "extra_forbidden":
+                allowed = _allowed_keys(Params, err["loc"])
+                if allowed:
+                    line += f"; allowed: {', '.join(allowed)}"
+            lines.append("  " + line)
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"override {dotted}: '{key}' is not a section")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate a params file; `overrides` maps dotted keys to values (applied first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return validate_params(raw, source=str(path))

@@ -1,0 +1,1 @@
+"""Datasets: class tables, the built-in generator, real-dataset readers and the prepared format."""

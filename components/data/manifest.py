@@ -1,0 +1,77 @@
+"""The prepared format: images, uint8 train-id label PNGs and `manifest.parquet`, one row per sample."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+MANIFEST_NAME = "manifest.parquet"
+SKIPPED_NAME = "skipped.csv"
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("domain", pa.string(), nullable=False),      # source | target
+    pa.field("split", pa.string(), nullable=False),       # train | val | test
+    pa.field("image", pa.string(), nullable=False),       # relative to the prepared directory
+    pa.field("label", pa.string(), nullable=True),        # relative path; null when unlabelled
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("condition", pa.string(), nullable=True),    # built-in target only: weather/light
+])
+
+DOMAINS = ("source", "target")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    sample_id: str
+    dataset: str
+    domain: str
+    split: str
+    image: str
+    label: str | None
+    height: int
+    width: int
+    condition: str | None = None
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    file: str
+    reason: str
+
+
+class ManifestError(ValueError):
+    """A prepared directory whose manifest is missing or inconsistent."""
+
+
+def write_manifest(records: list[SampleRecord], out_dir: Path) -> Path:
+    rows = sorted((asdict(r) for r in records), key=lambda r: (r["split"], r["sample_id"]))
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    path = out_dir / MANIFEST_NAME
+    pq.write_table(table, path)
+    return path
+
+
+def write_skipped(skipped: list[SkippedSample], out_dir: Path) -> Path:
+    table = pa.table({"file": [s.file for s in skipped], "reason": [s.reason for s in skipped]},
+                     schema=pa.schema([("file", pa.string()), ("reason", pa.string())]))
+    path = out_dir / SKIPPED_NAME
+    pacsv.write_csv(table, path)
+    return path
+
+
+def read_manifest(prepared_dir: str | Path) -> pa.Table:
+    path = Path(prepared_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest; run `segshift prepare` or `segshift ingest` first")
+    table = pq.read_table(path)
+    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; expected {MANIFEST_SCHEMA.names}")
+    return table

@@ -1,0 +1,1 @@
+"""Stage entry points and orchestration (DVC stages, Ray, MLflow, S3)."""
