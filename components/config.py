@@ -37,6 +37,8 @@ class BuiltinConfig(_Strict):
     height: int = Field(ge=32, le=2048, multiple_of=8)
     width: int = Field(ge=32, le=4096, multiple_of=8)
     counts: BuiltinCounts
+    # 0 = target classes keep the source colours; 1 = full real-like palette (the calibrated gap).
+    appearance_gap: float = Field(ge=0.0, le=1.0)
     # Relative frequency of each target weather/light condition; unknown names are rejected.
     conditions: dict[str, float]
 
@@ -66,6 +68,9 @@ class DomainConfig(_Strict):
     def _root_matches_kind(self) -> "DomainConfig":
         if self.kind == "builtin" and self.root is not None:
             raise ValueError("root must be null when kind is 'builtin'")
+        if self.kind == "builtin" and self.resize is not None:
+            raise ValueError("resize must be null when kind is 'builtin' "
+                             "(the size comes from prepare.builtin.height/width)")
         if self.kind != "builtin" and not self.root:
             raise ValueError(f"root is required when kind is '{self.kind}'")
         if self.resize is not None and min(self.resize) < 16:
@@ -93,9 +98,23 @@ class StorageConfig(_Strict):
     s3_endpoint_url: str | None  # S3-compatible store (MinIO, moto); null = AWS / AWS_ENDPOINT_URL
 
 
+class CalibrateConfig(_Strict):
+    """`segshift calibrate`: quick supervised runs that measure the prepared data's domain gap."""
+
+    iterations: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, le=1)
+    seed: int = Field(ge=0)
+    backbone: Literal["resnet18", "resnet50", "resnet101"]
+    width: float = Field(gt=0, le=1)
+    rates: list[int] = Field(min_length=1)
+    out: str
+
+
 class Params(_Strict):
     prepare: PrepareConfig
     storage: StorageConfig
+    calibrate: CalibrateConfig
 
 
 def _format_error(err: dict[str, Any]) -> str:

@@ -1,2 +1,72 @@
-def main():
-    print("stub")
+"""`segshift`: one sub-command per pipeline stage, plus tools (ingest, calibrate, bench)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from segshift import __version__
+from segshift.components.config import ConfigError, load_params
+
+# Errors a user can fix; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, PermissionError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from segshift.components.data.manifest import ManifestError
+    from segshift.components.data.storage import StorageError
+    from segshift.pipelines.ingest import IngestError
+    return USER_ERRORS + (ManifestError, StorageError, IngestError)
+
+
+def _add_params(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", metavar="PATH",
+                        help="params file (default: params.yaml)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from segshift.pipelines.prepare import prepare
+    params = load_params(args.params)
+    report = prepare(params, progress=not args.quiet)
+    counts = ", ".join(f"{domain}: " + " ".join(f"{s}={n}" for s, n in splits.items())
+                       for domain, splits in report.counts.items())
+    print(f"prepared {report.out_dir} in {report.seconds:.1f}s ({counts})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from segshift.pipelines.bench import build_bench_parser
+    from segshift.pipelines.calibrate import build_calibrate_parser
+    from segshift.pipelines.ingest import build_ingest_parser
+
+    parser = argparse.ArgumentParser(
+        prog="segshift", description="Domain-adaptive semantic segmentation pipelines.")
+    parser.add_argument("--version", action="version", version=f"segshift {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = sub.add_parser("prepare", help="build the prepared source and target datasets (DVC stage)")
+    _add_params(prep)
+    prep.set_defaults(func=_cmd_prepare)
+
+    build_ingest_parser(sub)
+    build_calibrate_parser(sub, _add_params)
+    build_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"segshift {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"segshift {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -344,7 +344,7 @@ class _Painter:
             self.traffic_light(cx, top, z)
         elif kind < 0.75:
             lamp_y = top
-            self.c.lights.append(_Light(cx, lamp_y, self.cam.pixels(1.2, z), (255, 220, 160)))
+            self.c.lights.append(_Light(cx, lamp_y, self.cam.pixels(0.6, z), (255, 220, 160)))
 
     def traffic_sign(self, cx: float, cy: float, z: float) -> None:
         r = self.cam.pixels(self.rng.uniform(0.3, 0.45), z)
@@ -415,7 +415,7 @@ class _Painter:
             body = np.array([[cx - px * 0.55, hub_y], [cx + px * 0.5, hub_y],
                              [cx + px * 0.4, hub_y - px * 0.45], [cx - px * 0.35, hub_y - px * 0.4]])
             self.c.polygon(body, cls, colour, z)
-            self.c.lights.append(_Light(cx + px * 0.5, hub_y - px * 0.3, px * 0.6, (255, 240, 200)))
+            self.c.lights.append(_Light(cx + px * 0.5, hub_y - px * 0.3, px * 0.25, (255, 240, 200)))
         if self.rng.random() < 0.8:
             self.person(x, z, cls=RIDER, seat=0.75 if cls == BICYCLE else 0.8)
 
@@ -461,7 +461,7 @@ class _Painter:
             lx = cx + side * w * 0.4
             self.c.box(lx - px * 0.12, bottom - h * 0.28, lx + px * 0.12, bottom - h * 0.38, cls,
                        (230, 30, 30), z)
-            self.c.lights.append(_Light(lx, bottom - h * 0.33, px * 0.5, (255, 40, 30)))
+            self.c.lights.append(_Light(lx, bottom - h * 0.33, px * 0.2, (255, 40, 30)))
 
     def vehicle_side(self, x: float, z: float, length: float) -> None:
         """A car parked along the kerb, seen from the side in perspective."""
@@ -631,7 +631,7 @@ def apply_condition(img: np.ndarray, canvas: Canvas, condition: str,
         return img, 1.3
     if condition == "night":
         img = img * np.array([0.7, 0.8, 1.0], np.float32) * rng.uniform(0.12, 0.25)
-        return img + _glows(canvas, rng.uniform(1.5, 2.5)), 3.0
+        return img + _glows(canvas, rng.uniform(0.8, 1.4)), 3.0
     raise ValueError(f"unknown condition '{condition}'; expected one of {CONDITIONS}")
 
 

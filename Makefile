@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine with Python 3.11, pip and git:
+#   make repro   create .venv, install, run the pipeline (dvc repro) on the built-in data
+#   make test    create .venv, install, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# Run DVC stages with the venv's `segshift` on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install repro test test-slow test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned resolve would pull the multi-GB CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+repro: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+test-all: install
+	$(BIN)/pytest -q -m "slow or not slow"
+
+bench: install
+	$(BIN)/segshift bench
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,1 @@
+"""Segmentation networks in plain torch; backbone keys match torchvision's ResNets."""
