@@ -1,0 +1,77 @@
+"""`segshift prepare`: built-in and real datasets through the same code, atomically."""
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from segshift.pipelines.cli import main
+from tests.conftest import write_params
+from tests.fixtures.raw_datasets import write_cityscapes, write_gta5
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_builtin_prepare_writes_both_domains(tmp_path, capsys):
+    params = write_params(tmp_path)
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    out = tmp_path / "prepared"
+    source = pq.read_table(out / "source" / "manifest.parquet").to_pylist()
+    target = pq.read_table(out / "target" / "manifest.parquet").to_pylist()
+    assert sorted({r["split"] for r in source}) == ["train", "val"] and len(source) == 8
+    assert sorted({r["split"] for r in target}) == ["test", "train", "val"] and len(target) == 11
+    assert all(r["condition"] for r in target) and not any(r["condition"] for r in source)
+    assert (out / "summary.json").is_file()
+    assert "prepared" in capsys.readouterr().out
+
+
+def test_prepare_is_deterministic(tmp_path):
+    params = write_params(tmp_path)
+    main(["prepare", "--params", str(params), "--quiet"])
+    first = _snapshot(tmp_path / "prepared")
+    main(["prepare", "--params", str(params), "--quiet"])
+    assert _snapshot(tmp_path / "prepared") == first
+
+
+def test_failed_prepare_keeps_previous_output(tmp_path, capsys):
+    good = write_params(tmp_path)
+    main(["prepare", "--params", str(good), "--quiet"])
+    before = _snapshot(tmp_path / "prepared")
+    missing = tmp_path / "no-such-cityscapes"
+    bad = write_params(tmp_path, {"prepare.target.kind": "cityscapes",
+                                  "prepare.target.root": str(missing)})
+    assert main(["prepare", "--params", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and str(missing) in err
+    assert _snapshot(tmp_path / "prepared") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "prepared"]  # no temp dirs
+
+
+def test_invalid_params_fail_before_any_work(tmp_path, capsys):
+    params = write_params(tmp_path, {"prepare.workers": 0})
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 2
+    assert "prepare.workers" in capsys.readouterr().err
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_real_gta5_to_cityscapes_roles(tmp_path):
+    write_gta5(tmp_path / "gta5", n=6, size=(96, 54))
+    write_cityscapes(tmp_path / "cityscapes", per_city=2, size=(128, 64))
+    params = write_params(tmp_path, {
+        "prepare.source.kind": "gta5", "prepare.source.root": str(tmp_path / "gta5"),
+        "prepare.source.resize": [64, 36], "prepare.source.val_fraction": 0.34,
+        "prepare.target.kind": "cityscapes", "prepare.target.root": str(tmp_path / "cityscapes"),
+        "prepare.target.resize": [64, 32], "prepare.target.val_fraction": 0.3,
+    })
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    source = pq.read_table(tmp_path / "prepared" / "source" / "manifest.parquet").to_pylist()
+    target = pq.read_table(tmp_path / "prepared" / "target" / "manifest.parquet").to_pylist()
+    assert {r["domain"] for r in source} == {"source"} and {r["domain"] for r in target} == {"target"}
+    assert [r["split"] for r in source].count("val") == 2
+    assert {(r["width"], r["height"]) for r in source} == {(64, 36)}
+    splits = {r["split"] for r in target}
+    assert splits == {"train", "val", "test"}          # official test (unlabelled) dropped
+    assert all(r["label"] for r in target)
+    val_cities = {r["sample_id"].split("_")[0] for r in target if r["split"] == "val"}
+    train_cities = {r["sample_id"].split("_")[0] for r in target if r["split"] == "train"}
+    assert val_cities and not val_cities & train_cities
