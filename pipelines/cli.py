@@ -15,7 +15,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, Perm
 def _user_errors() -> tuple[type[Exception], ...]:
     from segshift.components.data.manifest import ManifestError
     from segshift.components.data.storage import StorageError
-    from segshift.pipelines.ingest import IngestError
+    from segshift.components.data.formats import IngestError
     return USER_ERRORS + (ManifestError, StorageError, IngestError)
 
 

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 
 from segshift.pipelines.cli import main
 from tests.conftest import write_params
-from tests.fixtures.raw_datasets import write_cityscapes, write_gta5
+from segshift.components.data.rawformats import write_cityscapes, write_gta5
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
