@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.bench import build_bench_parser
     from segshift.pipelines.calibrate import build_calibrate_parser
     from segshift.pipelines.ingest import build_ingest_parser
+    from segshift.pipelines.preview import build_preview_parser
 
     parser = argparse.ArgumentParser(
         prog="segshift", description="Domain-adaptive semantic segmentation pipelines.")
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build_ingest_parser(sub)
     build_calibrate_parser(sub, _add_params)
+    build_preview_parser(sub, _add_params)
     build_bench_parser(sub)
     return parser
 
