@@ -98,23 +98,51 @@ class StorageConfig(_Strict):
     s3_endpoint_url: str | None  # S3-compatible store (MinIO, moto); null = AWS / AWS_ENDPOINT_URL
 
 
+class ModelConfig(_Strict):
+    """The segmentation network every stage trains."""
+
+    name: Literal["deeplabv2", "bisenet"]
+    backbone: Literal["resnet18", "resnet50", "resnet101"]
+    width: float = Field(gt=0, le=1)         # channel multiplier; 1 = the published network
+    rates: list[int] = Field(min_length=1)   # DeepLab-v2 classifier dilation rates
+    aux_head: bool                           # auxiliary head (DeepLab: on layer3)
+    frozen_bn: bool                          # keep BatchNorm statistics and affine fixed
+    pretrained: str | None                   # torchvision-format ImageNet weights: path or s3://
+
+
 class CalibrateConfig(_Strict):
-    """`segshift calibrate`: quick supervised runs that measure the prepared data's domain gap."""
+    """`segshift calibrate`: quick supervised runs of `model` that measure the domain gap."""
 
     iterations: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0, le=1)
     seed: int = Field(ge=0)
-    backbone: Literal["resnet18", "resnet50", "resnet101"]
-    width: float = Field(gt=0, le=1)
-    rates: list[int] = Field(min_length=1)
     out: str
+
+
+class TrackingConfig(_Strict):
+    uri: str | None       # null: $MLFLOW_TRACKING_URI, else sqlite:///<absolute>/mlflow.db
+    experiment: str = Field(min_length=1)
+
+
+class ProfileConfig(_Strict):
+    """`segshift profile`: complexity and speed of each listed model at one input size."""
+
+    height: int = Field(ge=32)
+    width: int = Field(ge=32)
+    batch_size: int = Field(ge=1)
+    warmup: int = Field(ge=0)
+    repeats: int = Field(ge=1)
+    models: dict[str, ModelConfig] = Field(min_length=1)
 
 
 class Params(_Strict):
     prepare: PrepareConfig
     storage: StorageConfig
+    model: ModelConfig
+    tracking: TrackingConfig
     calibrate: CalibrateConfig
+    profile: ProfileConfig
 
 
 def _format_error(err: dict[str, Any]) -> str:

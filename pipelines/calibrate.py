@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segshift.components.config import CalibrateConfig, load_params
+from segshift.components.config import CalibrateConfig, ModelConfig, load_params
 from segshift.components.data.dataset import PreparedSplit
 from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.io import atomic_write_text
@@ -28,14 +28,15 @@ CALIBRATION_RUNS = (("source_only", "source", False), ("oracle", "target", False
                     ("source_only_colour_norm", "source", True))
 
 
-def _model(cfg: CalibrateConfig) -> DeepLabV2:
-    return DeepLabV2(19, cfg.backbone, cfg.width, tuple(cfg.rates), aux_head=False)
+def _model(model_cfg: ModelConfig) -> DeepLabV2:
+    return DeepLabV2(19, model_cfg.backbone, model_cfg.width, tuple(model_cfg.rates), aux_head=False)
 
 
-def train_quick(cfg: CalibrateConfig, train: PreparedSplit, desc: str, progress: bool) -> DeepLabV2:
-    """A plain supervised run: Adam, poly decay, horizontal flips."""
+def train_quick(cfg: CalibrateConfig, model_cfg: ModelConfig, train: PreparedSplit, desc: str,
+                progress: bool) -> DeepLabV2:
+    """A plain supervised run of the main head: Adam, poly decay, horizontal flips."""
     torch.manual_seed(cfg.seed)
-    model = _model(cfg).train()
+    model = _model(model_cfg).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -50,8 +51,8 @@ def train_quick(cfg: CalibrateConfig, train: PreparedSplit, desc: str, progress:
             images, labels = images.flip(-1), labels.flip(-1)
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr * (1 - step / cfg.iterations) ** 0.9
-        _, logits = model(images)
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(model(images).main, size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False)
         loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -63,19 +64,20 @@ def train_quick(cfg: CalibrateConfig, train: PreparedSplit, desc: str, progress:
 def evaluate(model: DeepLabV2, split: PreparedSplit, batch_size: int) -> dict:
     conf = torch.zeros(19, 19, dtype=torch.long)
     for images, labels in DataLoader(split, batch_size=batch_size):
-        _, logits = model(images)
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(model(images).main, size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False)
         conf += confusion_matrix(logits.argmax(1), labels)
     return summarise(conf)
 
 
-def calibrate(prepared_dir: Path, cfg: CalibrateConfig, progress: bool = True) -> dict:
+def calibrate(prepared_dir: Path, cfg: CalibrateConfig, model_cfg: ModelConfig,
+              progress: bool = True) -> dict:
     results: dict = {}
     for name, domain, colour_norm in CALIBRATION_RUNS:
         start = time.perf_counter()
         train = PreparedSplit(prepared_dir / domain, "train", per_image_norm=colour_norm)
         test = PreparedSplit(prepared_dir / "target", "test", per_image_norm=colour_norm)
-        model = train_quick(cfg, train, name, progress)
+        model = train_quick(cfg, model_cfg, train, name, progress)
         results[name] = evaluate(model, test, cfg.batch_size)
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
     oracle = results["oracle"]["miou"]
@@ -86,7 +88,8 @@ def calibrate(prepared_dir: Path, cfg: CalibrateConfig, progress: bool = True) -
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    results = calibrate(Path(params.prepare.out_dir), params.calibrate, progress=not args.quiet)
+    results = calibrate(Path(params.prepare.out_dir), params.calibrate, params.model,
+                        progress=not args.quiet)
     atomic_write_text(params.calibrate.out, json.dumps(results, indent=2))
     for name in ("source_only", "oracle", "source_only_colour_norm"):
         print(f"{name:26s} target-test mIoU {100 * results[name]['miou']:5.1f}")

@@ -51,11 +51,12 @@ def render_one(spec: BuiltinSpec, out_dir: str, job: tuple[str, str, int]) -> Sa
     domain, split, index = job
     rng = sample_rng(spec.seed, domain, split, index)
     if domain == "source":
-        style, condition = source_style(), None
+        style = source_style()
+        condition = choose_condition(style.conditions, rng)
     else:
         style = target_style(spec.appearance_gap)
         condition = choose_condition(dict(spec.conditions), rng)
-    image, label = render_sample(style, spec.height, spec.width, condition or "clear", rng)
+    image, label = render_sample(style, spec.height, spec.width, condition, rng)
     sample_id = f"{domain}_{split}_{index:06d}"
     image_rel, label_rel = f"images/{split}/{sample_id}.png", f"labels/{split}/{sample_id}.png"
     write_png(Path(out_dir) / image_rel, image)

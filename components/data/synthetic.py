@@ -61,6 +61,9 @@ class DomainStyle:
     jpeg_quality: tuple[int, int] | None
     vignetting: float
     ego_hood: bool
+    # The source's own weather mix (GTA5 has dusk, night and overcast frames too); the target's
+    # mix comes from params so that its difficulty spread can be varied.
+    conditions: dict[str, float] = field(default_factory=lambda: {"clear": 1.0})
 
 
 def _mix(a: RGB, b: RGB, t: float) -> RGB:
@@ -102,7 +105,8 @@ def source_style() -> DomainStyle:
                 "motorcycle": 0.7, "bicycle": 0.4, "person": 2.5, "pole": 5.0, "tree": 3.0,
                 "wall": 0.7, "fence": 0.8, "prop": 0.6},
         antialias=False, noise_sigma=(0.0, 0.0), blur_sigma=(0.0, 0.0), jpeg_quality=None,
-        vignetting=0.0, ego_hood=False)
+        vignetting=0.0, ego_hood=False,
+        conditions={"clear": 0.55, "overcast": 0.2, "dusk": 0.15, "night": 0.1})
 
 
 def target_style(appearance_gap: float = 1.0) -> DomainStyle:

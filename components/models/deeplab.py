@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from segshift.components.models.base import SegOutput
 from segshift.components.models.resnet import ResNetBackbone
 
 REFERENCE_RATES = (6, 12, 18, 24)
@@ -25,7 +26,7 @@ class ClassifierModule(nn.Module):
 
 
 class DeepLabV2(nn.Module):
-    """Returns (aux logits from layer3 or None, main logits from layer4), at 1/8 input resolution."""
+    """Main logits from layer4 and, with `aux_head`, auxiliary logits from layer3; stride 8."""
 
     def __init__(self, num_classes: int = 19, backbone: str = "resnet101", width: float = 1.0,
                  rates: tuple[int, ...] = REFERENCE_RATES, aux_head: bool = True):
@@ -36,10 +37,10 @@ class DeepLabV2(nn.Module):
         self.layer5 = ClassifierModule(c3, num_classes, rates) if aux_head else None
         self.num_classes = num_classes
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> SegOutput:
         c3, c4 = self.backbone(x)
-        aux = self.layer5(c3) if self.layer5 is not None else None
-        return aux, self.layer6(c4)
+        aux = (self.layer5(c3),) if self.layer5 is not None else ()
+        return SegOutput(self.layer6(c4), aux)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The classifiers, trained at 10x the backbone's learning rate in the reference."""

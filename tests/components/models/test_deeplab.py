@@ -22,8 +22,9 @@ def test_backbone_keys_match_torchvision_resnet_names():
 
 def test_small_variant_outputs_stride_eight_logits_for_both_heads():
     model = DeepLabV2(19, "resnet18", width=0.25, rates=(1, 2, 3, 4)).eval()
-    aux, main = model(torch.randn(2, 3, 64, 128))
-    assert aux.shape == main.shape == (2, 19, 8, 16)
+    out = model(torch.randn(2, 3, 64, 128))
+    assert len(out.aux) == 1 and out.aux[0].shape == out.main.shape == (2, 19, 8, 16)
+    assert DeepLabV2(19, "resnet18", width=0.25, aux_head=False)(torch.randn(1, 3, 64, 64)).aux == ()
 
 
 def test_unknown_backbone_is_rejected():
