@@ -20,7 +20,7 @@ def test_builtin_prepare_writes_both_domains(tmp_path, capsys):
     target = pq.read_table(out / "target" / "manifest.parquet").to_pylist()
     assert sorted({r["split"] for r in source}) == ["train", "val"] and len(source) == 8
     assert sorted({r["split"] for r in target}) == ["test", "train", "val"] and len(target) == 11
-    assert all(r["condition"] for r in target) and not any(r["condition"] for r in source)
+    assert all(r["condition"] for r in target) and all(r["condition"] for r in source)
     assert (out / "summary.json").is_file()
     assert "prepared" in capsys.readouterr().out
 

@@ -5,6 +5,7 @@ import numpy as np
 
 from segshift.components.data.builtin import BuiltinSpec, write_builtin_domain
 from segshift.components.data.manifest import MANIFEST_SCHEMA, read_manifest
+from segshift.components.data.synthetic import source_style
 
 SPEC = BuiltinSpec(seed=3, height=64, width=128, appearance_gap=1.0,
                    conditions=(("clear", 1.0), ("night", 1.0)))
@@ -39,8 +40,9 @@ def test_manifest_rows_point_at_real_files(tmp_path):
         assert (row["height"], row["width"]) == (64, 128)
 
 
-def test_source_rows_have_no_condition(tmp_path):
+def test_source_rows_use_the_game_weather_mix_not_the_target_params(tmp_path):
     write_builtin_domain(SPEC, COUNTS, "source", tmp_path, workers=1, progress=False)
     rows = read_manifest(tmp_path).to_pylist()
-    assert len(rows) == 5 and all(r["condition"] is None for r in rows)
-    assert {r["split"] for r in rows} == {"train", "val"}
+    assert len(rows) == 5 and {r["split"] for r in rows} == {"train", "val"}
+    assert {r["condition"] for r in rows} <= set(source_style().conditions)
+    assert not {"fog", "rain"} & set(source_style().conditions)
