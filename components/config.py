@@ -120,6 +120,75 @@ class CalibrateConfig(_Strict):
     out: str
 
 
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam"]
+    lr: float = Field(gt=0, le=1)
+    momentum: float = Field(ge=0, lt=1)            # sgd
+    betas: tuple[float, float]                      # adam
+    weight_decay: float = Field(ge=0, le=1)
+    head_lr_mult: float = Field(gt=0)               # classifier heads train at this x lr
+    poly_power: float = Field(ge=0)                 # lr = base * (1 - step/total) ** power
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "OptimizerConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas {list(self.betas)} must each be in [0, 1)")
+        return self
+
+
+class WorkersConfig(_Strict):
+    """Ray Train scaling: 0 workers trains in-process (quick runs and tests)."""
+
+    num_workers: int = Field(ge=0, le=1024)
+    use_gpu: bool
+    cpus_per_worker: float = Field(gt=0)
+    gpus_per_worker: float = Field(ge=0)
+
+
+class EngineConfig(_Strict):
+    """Settings of the training engine shared by every training stage."""
+
+    device: Literal["auto", "cpu", "cuda"]
+    amp: Literal["none", "bf16", "fp16"]
+    channels_last: bool
+    seed: int = Field(ge=0)
+    log_every: int = Field(ge=1)
+    val_every: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+    eval_batch_size: int = Field(ge=1)
+    # How the kept checkpoint is chosen: target-val mIoU, or (no target labels) mean target entropy.
+    selection: Literal["val_miou", "val_entropy"]
+    cache_images: bool     # decode every image once and keep it in memory (small datasets)
+    loader_workers: int = Field(ge=0, le=64)
+    workers: WorkersConfig
+
+
+class SupervisedStageConfig(_Strict):
+    """A stage trained with labels only: `source` (source labels) or `oracle` (target labels)."""
+
+    iterations: int = Field(ge=1)
+    batch_size: int = Field(ge=1)      # global batch, split evenly over Ray workers
+    accumulation: int = Field(ge=1)    # optimiser step every N batches
+    aux_weight: float = Field(ge=0)    # loss = main + aux_weight * aux (reference: 0.1)
+    crop: tuple[int, int] | None       # random crop [height, width]; null = whole image
+    flip: bool                         # random horizontal flip
+    optimizer: OptimizerConfig
+
+
+class PathsConfig(_Strict):
+    """Where stages write; relative paths are relative to the project directory."""
+
+    models: str        # <models>/<stage>/model.pt: the selected network (a DVC out)
+    metrics: str       # <metrics>/<stage>.json and per-class tables (DVC metrics and plots)
+    reports: str       # <reports>/<stage>/*.png: pictures (also MLflow artifacts)
+    checkpoints: str   # <checkpoints>/<stage>/last.pt: resumable working state (not tracked)
+
+
+class RayConfig(_Strict):
+    address: str | None          # null: $RAY_ADDRESS, else a local Ray instance on loopback
+    local_num_cpus: int | None = Field(ge=1)   # CPUs a local instance offers; null = all
+
+
 class TrackingConfig(_Strict):
     uri: str | None       # null: $MLFLOW_TRACKING_URI, else sqlite:///<absolute>/mlflow.db
     experiment: str = Field(min_length=1)
@@ -140,6 +209,11 @@ class Params(_Strict):
     prepare: PrepareConfig
     storage: StorageConfig
     model: ModelConfig
+    engine: EngineConfig
+    source: SupervisedStageConfig
+    oracle: SupervisedStageConfig
+    paths: PathsConfig
+    ray: RayConfig
     tracking: TrackingConfig
     calibrate: CalibrateConfig
     profile: ProfileConfig

@@ -31,3 +31,75 @@ def grid(rows: list[list[np.ndarray]], gap: int = 2) -> np.ndarray:
         for j, tile in enumerate(row):
             canvas[i * (height + gap):i * (height + gap) + height, j * (width + gap):j * (width + gap) + width] = tile
     return canvas
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 RGB (inferno: dark = low, yellow = high)."""
+    import cv2
+    scaled = np.clip(values * 255.0, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def denormalise(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) ImageNet-normalised float -> (H, W, 3) uint8 RGB."""
+    from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+    rgb = image.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
+
+
+def prediction_rows(images: np.ndarray, labels: np.ndarray | None, predictions: np.ndarray,
+                    entropies: np.ndarray) -> list[list[np.ndarray]]:
+    """One row per sample: image | ground truth (if any) | prediction | entropy map."""
+    rows = []
+    for i in range(len(images)):
+        row = [denormalise(images[i])]
+        if labels is not None:
+            row.append(colorize(labels[i].astype(np.uint8)))
+        row += [colorize(predictions[i].astype(np.uint8)), heatmap(entropies[i])]
+        rows.append(row)
+    return rows
+
+
+def _figure_to_rgb(figure) -> np.ndarray:
+    import matplotlib.pyplot as plt
+    figure.canvas.draw()
+    rgb = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return rgb
+
+
+def confusion_matrix_picture(conf: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """Row-normalised confusion matrix (ground truth rows) as an RGB picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = conf.sum(1, keepdims=True)
+    share = np.divide(conf, rows, out=np.zeros(conf.shape, np.float64), where=rows > 0)
+    figure, ax = plt.subplots(figsize=(8, 7), dpi=100)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    figure.tight_layout()
+    return _figure_to_rgb(figure)
+
+
+def iou_bar_picture(series: dict[str, dict[str, float]], title: str) -> np.ndarray:
+    """Grouped bars of per-class IoU (in %) for one or more named results."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(next(iter(series.values())))
+    figure, ax = plt.subplots(figsize=(11, 4), dpi=100)
+    width = 0.8 / len(series)
+    for k, (label, ious) in enumerate(series.items()):
+        values = [100 * (ious[n] if ious[n] == ious[n] else 0.0) for n in names]
+        ax.bar(np.arange(len(names)) + k * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return _figure_to_rgb(figure)

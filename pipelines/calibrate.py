@@ -75,8 +75,8 @@ def calibrate(prepared_dir: Path, cfg: CalibrateConfig, model_cfg: ModelConfig,
     results: dict = {}
     for name, domain, colour_norm in CALIBRATION_RUNS:
         start = time.perf_counter()
-        train = PreparedSplit(prepared_dir / domain, "train", per_image_norm=colour_norm)
-        test = PreparedSplit(prepared_dir / "target", "test", per_image_norm=colour_norm)
+        train = PreparedSplit(prepared_dir / domain, "train", cache=True, per_image_norm=colour_norm)
+        test = PreparedSplit(prepared_dir / "target", "test", cache=True, per_image_norm=colour_norm)
         model = train_quick(cfg, model_cfg, train, name, progress)
         results[name] = evaluate(model, test, cfg.batch_size)
         results[name]["seconds"] = round(time.perf_counter() - start, 1)

@@ -16,7 +16,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from segshift.components.data.manifest import ManifestError
     from segshift.components.data.storage import StorageError
     from segshift.components.data.formats import IngestError
-    return USER_ERRORS + (ManifestError, StorageError, IngestError)
+    from segshift.components.engine.checkpoint import CheckpointError
+    from segshift.components.engine.loop import EngineError, TrainingDiverged
+    from segshift.components.models.factory import ModelError
+    from segshift.pipelines.train import StageInputError
+    return USER_ERRORS + (ManifestError, StorageError, IngestError, ModelError, CheckpointError,
+                          EngineError, TrainingDiverged, StageInputError)
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.calibrate import build_calibrate_parser
     from segshift.pipelines.ingest import build_ingest_parser
     from segshift.pipelines.preview import build_preview_parser
+    from segshift.pipelines.train import build_train_parser
+    from segshift.pipelines.profile import build_profile_parser
 
     parser = argparse.ArgumentParser(
         prog="segshift", description="Domain-adaptive semantic segmentation pipelines.")
@@ -50,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(prep)
     prep.set_defaults(func=_cmd_prepare)
 
+    build_train_parser(sub, _add_params)
     build_ingest_parser(sub)
     build_calibrate_parser(sub, _add_params)
     build_preview_parser(sub, _add_params)
     build_bench_parser(sub)
+    build_profile_parser(sub, _add_params)
     return parser
 
 

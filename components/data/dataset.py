@@ -1,13 +1,15 @@
-"""Reading a prepared directory as torch tensors."""
+"""Reading a prepared directory as torch tensors, with deterministic per-sample augmentation."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
+from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.data.manifest import ManifestError, read_manifest
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -38,11 +40,36 @@ def to_tensor(image: np.ndarray, per_image_norm: bool = False) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-class PreparedSplit(Dataset):
-    """One split of a prepared domain, decoded once and kept in memory (small datasets)."""
+def random_crop_flip(image: np.ndarray, label: np.ndarray | None, crop: tuple[int, int] | None,
+                     flip: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop [height, width] at a random position (padding with ignore if the image is smaller)."""
+    if crop is not None:
+        ch, cw = crop
+        h, w = image.shape[:2]
+        if h < ch or w < cw:
+            pad = ((0, max(0, ch - h)), (0, max(0, cw - w)))
+            image = np.pad(image, pad + ((0, 0),))
+            label = None if label is None else np.pad(label, pad, constant_values=IGNORE_INDEX)
+            h, w = image.shape[:2]
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        image = image[y:y + ch, x:x + cw]
+        label = None if label is None else label[y:y + ch, x:x + cw]
+    if flip and rng.random() < 0.5:
+        image = image[:, ::-1]
+        label = None if label is None else label[:, ::-1]
+    return image, label
 
-    def __init__(self, prepared_dir: str | Path, split: str, per_image_norm: bool = False,
-                 need_labels: bool = True):
+
+class PreparedSplit(Dataset):
+    """One split of a prepared domain.
+
+    Index with an int for the plain sample, or with `(index, seed)` for a randomly cropped and
+    flipped one whose randomness comes only from `seed` (so any worker reproduces it).
+    """
+
+    def __init__(self, prepared_dir: str | Path, split: str, need_labels: bool = True,
+                 cache: bool = False, crop: tuple[int, int] | None = None, flip: bool = False,
+                 per_image_norm: bool = False):
         self.root = Path(prepared_dir)
         table = read_manifest(self.root)
         rows = [r for r in table.to_pylist() if r["split"] == split]
@@ -50,15 +77,68 @@ class PreparedSplit(Dataset):
             raise ManifestError(f"{self.root}: split '{split}' is empty")
         if need_labels and any(r["label"] is None for r in rows):
             raise ManifestError(f"{self.root}: split '{split}' has unlabelled samples")
-        self.rows = rows
-        self.per_image_norm = per_image_norm
-        self.images = [read_rgb(self.root / r["image"]) for r in rows]
-        self.labels = [read_label(self.root / r["label"]) if r["label"] else None for r in rows]
+        self.rows, self.split, self.need_labels = rows, split, need_labels
+        self.crop, self.flip, self.per_image_norm = crop, flip, per_image_norm
+        self._cache: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+        if cache:
+            self._cache = [self._load(i) for i in range(len(rows))]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        label = self.labels[i]
+    @property
+    def sizes(self) -> set[tuple[int, int]]:
+        return {(r["height"], r["width"]) for r in self.rows}
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        row = self.rows[i]
+        label = read_label(self.root / row["label"]) if row["label"] and self.need_labels else None
+        return read_rgb(self.root / row["image"]), label
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        image, label = self._cache[index] if self._cache is not None else self._load(index)
+        if seed is not None:
+            image, label = random_crop_flip(image, label, self.crop, self.flip,
+                                            np.random.default_rng(seed))
         target = torch.from_numpy(label.astype(np.int64)) if label is not None else torch.empty(0)
-        return to_tensor(self.images[i], self.per_image_norm), target
+        return to_tensor(image, self.per_image_norm), target
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's share of every step's global batch, as (index, augmentation seed) pairs.
+
+    Step `s` draws from epoch-wise permutations seeded by (seed, stream, epoch), so the global batch
+    of a step never depends on the number of workers, and a resumed run (start_step > 0) sees
+    exactly the batches an uninterrupted one would have.
+    """
+
+    def __init__(self, dataset_size: int, global_batch: int, seed: int, stream: int,
+                 start_step: int, total_steps: int, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
+        self.n, self.batch, self.seed, self.stream = dataset_size, global_batch, seed, stream
+        self.start, self.total, self.rank, self.world = start_step, total_steps, rank, world_size
+        self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm_epoch = epoch
+            self._perm = np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.n)
+        return self._perm
+
+    def global_batch(self, step: int) -> list[tuple[int, int]]:
+        positions = range(step * self.batch, (step + 1) * self.batch)
+        out = []
+        for p in positions:
+            epoch, offset = divmod(p, self.n)
+            index = int(self._permutation(epoch)[offset])
+            out.append((index, int(np.random.default_rng([self.seed, self.stream, p, 1]).integers(2**31))))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.total):
+            yield self.global_batch(step)[self.rank::self.world]

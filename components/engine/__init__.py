@@ -1,0 +1,1 @@
+"""The training engine shared by every stage and method: optimisers, AMP, DDP, checkpoints, validation."""

@@ -1,0 +1,266 @@
+"""`segshift train --stage {source,oracle}`: supervised stages on the shared engine, run by Ray Train.
+
+With `engine.workers.num_workers: 0` the worker function runs in this process; otherwise a Ray
+Train `TorchTrainer` runs it on `num_workers` DDP workers (gloo on CPU, nccl on GPU). Rank 0 logs
+to the stage's MLflow run, writes checkpoints and, at the end, evaluates the selected checkpoint
+(chosen on target val only) on target test and writes the stage's outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from segshift.components.config import Params, SupervisedStageConfig, load_params
+from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
+from segshift.components.data.labels import CLASS_NAMES
+from segshift.components.data.manifest import MANIFEST_NAME, ManifestError
+from segshift.components.engine.checkpoint import load_checkpoint, save_checkpoint
+from segshift.components.engine.loop import Runtime, Trainer, resolve_device
+from segshift.components.evaluation import evaluate, validation_metrics
+from segshift.components.io import atomic_write_text
+from segshift.components.methods.supervised import Supervised
+from segshift.components.models.factory import build_model
+
+SUPERVISED_STAGES: dict[str, str] = {"source": "source", "oracle": "target"}  # stage -> train domain
+STREAMS = {"labelled": 0, "unlabelled": 1}
+
+
+class StageInputError(ValueError):
+    """Inputs of a stage that cannot work; raised before any training starts."""
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """Everything a (possibly remote) worker needs; plain data so Ray can ship it."""
+
+    params: dict[str, Any]
+    stage: str
+    project_dir: str
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    progress: bool = True
+
+    @property
+    def config(self) -> Params:
+        return Params.model_validate(self.params)
+
+    def path(self, relative: str) -> Path:
+        path = Path(relative)
+        return path if path.is_absolute() else Path(self.project_dir) / path
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+def stage_config(params: Params, stage: str) -> SupervisedStageConfig:
+    if stage not in SUPERVISED_STAGES:
+        raise StageInputError(f"unknown stage '{stage}'; expected one of {sorted(SUPERVISED_STAGES)}")
+    return getattr(params, stage)
+
+
+def check_inputs(job: StageJob) -> None:
+    """Fail fast, with the numbers, on inputs a stage cannot train on."""
+    params, cfg = job.config, stage_config(job.config, job.stage)
+    prepared = job.path(params.prepare.out_dir)
+    for domain in ("source", "target"):
+        if not (prepared / domain / MANIFEST_NAME).is_file():
+            raise StageInputError(f"{prepared / domain / MANIFEST_NAME}: missing; run `segshift prepare` first")
+    train = PreparedSplit(prepared / SUPERVISED_STAGES[job.stage], "train")
+    if len(train) < cfg.batch_size:
+        raise StageInputError(f"{job.stage}: {len(train)} training images is fewer than "
+                              f"{job.stage}.batch_size = {cfg.batch_size}")
+    workers = max(1, params.engine.workers.num_workers)
+    if cfg.batch_size % workers:
+        raise StageInputError(f"{job.stage}.batch_size = {cfg.batch_size} is not divisible by "
+                              f"engine.workers.num_workers = {workers}")
+    if cfg.crop is None and len(train.sizes) > 1:
+        raise StageInputError(f"{job.stage}: training images have {len(train.sizes)} sizes "
+                              f"({sorted(train.sizes)[:3]} ...); set {job.stage}.crop or resize when preparing")
+
+
+def data_fingerprint(prepared: Path) -> str:
+    digest = hashlib.sha256()
+    for domain in ("source", "target"):
+        digest.update((prepared / domain / MANIFEST_NAME).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(params: Params, stage: str, prepared: Path) -> str:
+    """What a resumable checkpoint must match: the stage, model, seed, precision and data."""
+    identity = {"stage": stage, "stage_config": getattr(params, stage).model_dump(mode="json"),
+                "model": params.model.model_dump(mode="json"), "seed": params.engine.seed,
+                "amp": params.engine.amp, "data": data_fingerprint(prepared)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- the worker -----------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def batch_source(dataset: PreparedSplit, global_batch: int, total_micro_steps: int, seed: int,
+                 runtime: Runtime, loader_workers: int) -> Callable[[str, int], Any]:
+    def make(role: str, start: int):
+        sampler = StepBatchSampler(len(dataset), global_batch, seed, STREAMS[role], start,
+                                   total_micro_steps, runtime.rank, runtime.world_size)
+        return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=loader_workers,
+                               pin_memory=runtime.device.type == "cuda"))
+    return make
+
+
+def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float], int], None]) -> dict:
+    params, stage = job.config, job.stage
+    cfg, engine = stage_config(params, stage), params.engine
+    seed_everything(engine.seed + runtime.rank)
+    prepared = job.path(params.prepare.out_dir)
+    train = PreparedSplit(prepared / SUPERVISED_STAGES[stage], "train", cache=engine.cache_images,
+                          crop=tuple(cfg.crop) if cfg.crop else None, flip=cfg.flip)
+    val = PreparedSplit(prepared / "target", "val", cache=engine.cache_images,
+                        need_labels=engine.selection == "val_miou")
+    model = build_model(params.model, endpoint_url=params.storage.s3_endpoint_url)
+    method = Supervised(model, cfg)
+    checkpoints = job.path(params.paths.checkpoints) / stage
+    trainer = Trainer(
+        method, engine, cfg.iterations, cfg.accumulation,
+        checkpoint_path=checkpoints / "last.pt", best_path=checkpoints / "best.pt",
+        fingerprint=run_fingerprint(params, stage, prepared), runtime=runtime,
+        validate=lambda m: validation_metrics(evaluate(m, val, engine.eval_batch_size, runtime.device)),
+        on_log=log if runtime.is_main else None, progress=job.progress, desc=stage)
+    source = batch_source(train, cfg.batch_size, cfg.iterations * cfg.accumulation, engine.seed,
+                          runtime, engine.loader_workers)
+    result = trainer.fit(source)
+    summary = {"steps": result.steps, "resumed_from": result.resumed_from,
+               "selection": {"metric": result.selection.metric, "value": result.selection.value,
+                             "step": result.selection.step},
+               "history": result.history}
+    return summary
+
+
+def _ray_worker(config: dict) -> None:
+    """Entry point of each Ray Train worker: rank and device come from Ray's context."""
+    import ray.train
+    import ray.train.torch
+    job = StageJob(**config)
+    context = ray.train.get_context()
+    runtime = Runtime(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                      device=ray.train.torch.get_device())
+    log = _mlflow_logger(job) if runtime.is_main else (lambda metrics, step: None)
+    summary = train_worker(job, runtime, log)
+    ray.train.report({"steps": summary["steps"], "resumed_from": summary["resumed_from"],
+                      "summary": json.dumps(summary)})
+
+
+def _mlflow_logger(job: StageJob) -> Callable[[dict[str, float], int], None]:
+    """Rank 0 of a Ray worker group logs into the stage run the driver opened."""
+    if not job.run_id:
+        return lambda metrics, step: None
+    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Metric
+    client = MlflowClient(job.tracking_uri)
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(job.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    return log
+
+
+def run_workers(job: StageJob, log: Callable[[dict[str, float], int], None]) -> dict:
+    """Run the worker function in-process (0 workers) or as a Ray Train TorchTrainer."""
+    params = job.config
+    workers = params.engine.workers
+    if workers.num_workers == 0:
+        runtime = Runtime(device=resolve_device(params.engine.device))
+        return train_worker(job, runtime, log)
+    from segshift.pipelines.cluster import connect_ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    connect_ray(params)
+    resources = {"CPU": workers.cpus_per_worker}
+    if workers.use_gpu:
+        resources["GPU"] = max(workers.gpus_per_worker, 1)
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config=job.__dict__,
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"segshift-{job.stage}",
+                             storage_path=str(job.path(params.paths.checkpoints) / "ray")))
+    result = trainer.fit()
+    return json.loads(result.metrics["summary"])
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+
+def export_model(job: StageJob, best: dict) -> Path:
+    params = job.config
+    out = job.path(params.paths.models) / job.stage / "model.pt"
+    save_checkpoint(out, {"model": best["model"], "model_config": params.model.model_dump(mode="json"),
+                          "num_classes": len(CLASS_NAMES), "stage": job.stage, "step": best["step"],
+                          "selection": best["selection"], "val": best["metrics"]})
+    return out
+
+
+def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
+    """Evaluate the selected checkpoint on target test and write metrics, tables and pictures."""
+    from segshift.pipelines.report import write_stage_report
+    params = job.config
+    best = load_checkpoint(job.path(params.paths.checkpoints) / job.stage / "best.pt")
+    # The trained weights replace everything: no need to fetch ImageNet weights again.
+    model = build_model(params.model.model_copy(update={"pretrained": None}))
+    model.load_state_dict(best["model"])
+    device = resolve_device(params.engine.device)
+    model.to(device)
+    test = PreparedSplit(job.path(params.prepare.out_dir) / "target", "test", cache=False)
+    evaluation = evaluate(model, test, params.engine.eval_batch_size, device, progress=job.progress,
+                          desc=f"{job.stage} test")
+    model_path = export_model(job, best)
+    metrics = {"stage": job.stage, "test": evaluation.summary(), "val": best["metrics"],
+               "selected_step": best["step"], "selection": summary["selection"],
+               "steps": summary["steps"], "resumed_from": summary["resumed_from"],
+               "seconds": round(seconds, 1)}
+    write_stage_report(job, metrics, evaluation, model, test, device, tracker)
+    if tracker is not None:
+        tracker.log_metrics({f"test_{k}": v for k, v in evaluation.summary().items()
+                             if isinstance(v, float)}, step=summary["steps"])
+        tracker.log_artifact(model_path, "model")
+    return metrics
+
+
+def train_stage(params: Params, stage: str, project_dir: Path, progress: bool = True) -> dict:
+    from segshift.pipelines.tracking import StageTracker
+    job = StageJob(params=params.model_dump(mode="json"), stage=stage,
+                   project_dir=str(Path(project_dir).resolve()), progress=progress)
+    check_inputs(job)
+    start = time.perf_counter()
+    with StageTracker(params, stage=stage, project_dir=job.project_dir) as tracker:
+        job = StageJob(**{**job.__dict__, "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id})
+        summary = run_workers(job, tracker.log_metrics)
+        return finish_stage(job, summary, time.perf_counter() - start, tracker)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    metrics = train_stage(params, args.stage, Path.cwd(), progress=not args.quiet)
+    test = metrics["test"]
+    print(f"{args.stage}: target-test mIoU {100 * test['miou']:.1f} (selected step "
+          f"{metrics['selected_step']} on {metrics['selection']['metric']}); "
+          f"wrote {params.paths.models}/{args.stage}/model.pt and {params.paths.metrics}/{args.stage}.json")
+    return 0
+
+
+def build_train_parser(sub, add_params) -> None:
+    parser = sub.add_parser("train", help="train one stage (DVC stages source, oracle)")
+    parser.add_argument("--stage", required=True, choices=sorted(SUPERVISED_STAGES))
+    add_params(parser)
+    parser.set_defaults(func=_cmd_train)
