@@ -96,9 +96,11 @@ REAL_BUILDINGS: tuple[RGB, ...] = ((146, 140, 134), (120, 116, 112), (170, 160, 
 def source_style() -> DomainStyle:
     return DomainStyle(
         name="source", palette=SOURCE_PALETTE, car_colours=SOURCE_CARS,
-        building_colours=SOURCE_BUILDINGS, colour_jitter=10.0,
-        texture_fine={VEGETATION: 0.06, TERRAIN: 0.04},
-        texture_coarse={VEGETATION: 0.06, BUILDING: 0.04, SKY: 0.02},
+        # Games vary object colours and textures a lot; with less variety a source-only model
+        # learns exact colours and the gap becomes unrealistically wide (calibrated, see README).
+        building_colours=SOURCE_BUILDINGS, colour_jitter=28.0,
+        texture_fine={ROAD: 0.04, SIDEWALK: 0.03, BUILDING: 0.03, VEGETATION: 0.08, TERRAIN: 0.06},
+        texture_coarse={ROAD: 0.05, SIDEWALK: 0.04, BUILDING: 0.06, VEGETATION: 0.08, SKY: 0.03},
         horizon=(0.40, 0.05), focal=(0.75, 0.95), road_width_m=(8.0, 12.0),
         sidewalk_width_m=(2.5, 4.5),
         counts={"car": 5.0, "parked": 2.0, "truck": 0.9, "bus": 0.5, "train": 0.12,

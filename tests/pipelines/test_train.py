@@ -1,0 +1,92 @@
+"""`segshift train`: a supervised stage end to end, its outputs, MLflow runs and input errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from segshift.components.config import load_params
+from segshift.pipelines.cli import main
+from tests.conftest import write_params
+
+FAST = {"source.iterations": 4, "oracle.iterations": 4, "source.batch_size": 2,
+        "oracle.batch_size": 2, "engine.val_every": 2, "engine.checkpoint_every": 2,
+        "engine.log_every": 1, "model.width": 0.125}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A prepared tiny project, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("project")
+    params = write_params(root, FAST)
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    return root
+
+
+def run(project: Path, *args: str, overrides: dict | None = None) -> int:
+    params = write_params(project, {**FAST, **(overrides or {})})
+    return main(["train", "--params", str(params), "--quiet", *args])
+
+
+def test_source_stage_writes_model_metrics_reports_and_mlflow_runs(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert run(project, "--stage", "source") == 0
+    assert "target-test mIoU" in capsys.readouterr().out
+    model = torch.load(project / "models" / "source" / "model.pt", weights_only=False)
+    assert model["num_classes"] == 19 and model["model_config"]["width"] == 0.125
+    assert model["selection"] == "val_miou" and model["step"] in (2, 4)
+    metrics = json.loads((project / "metrics" / "source.json").read_text())
+    assert 0.0 <= metrics["test"]["miou"] <= 1.0 and len(metrics["test"]["per_class_iou"]) == 19
+    assert metrics["selected_step"] == model["step"] and "val_miou" in metrics["val"]
+    rows = json.loads((project / "metrics" / "source_per_class.json").read_text())
+    assert [r["class"] for r in rows][:2] == ["road", "sidewalk"]
+    for picture in ("confusion_matrix.png", "per_class_iou.png", "predictions.png"):
+        assert (project / "reports" / "source" / picture).stat().st_size > 1000
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("segshift")
+    runs = client.search_runs([experiment.experiment_id])
+    stage = next(r for r in runs if r.data.tags.get("segshift.stage") == "source")
+    parent = client.get_run(stage.data.tags["mlflow.parentRunId"])
+    assert stage.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert stage.data.params["source.iterations"] == "4"
+    assert "test_miou" in stage.data.metrics
+    history = client.get_metric_history(stage.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(stage.info.run_id, "report")}
+    assert "report/predictions.png" in artifacts
+
+
+def test_rerun_with_a_finished_checkpoint_resumes_at_the_end(project, monkeypatch):
+    monkeypatch.chdir(project)
+    assert run(project, "--stage", "oracle") == 0
+    first = json.loads((project / "metrics" / "oracle.json").read_text())
+    assert run(project, "--stage", "oracle") == 0
+    again = json.loads((project / "metrics" / "oracle.json").read_text())
+    assert again["resumed_from"] == 4 and again["test"]["miou"] == first["test"]["miou"]
+
+
+def test_batch_larger_than_the_dataset_is_refused_with_the_counts(project, capsys):
+    assert run(project, "--stage", "source", overrides={"source.batch_size": 64}) == 2
+    err = capsys.readouterr().err
+    assert "6 training images is fewer than source.batch_size = 64" in err
+
+
+def test_batch_not_divisible_by_workers_is_refused(project, capsys):
+    assert run(project, "--stage", "source",
+               overrides={"source.batch_size": 3, "engine.workers.num_workers": 2}) == 2
+    assert "not divisible by engine.workers.num_workers = 2" in capsys.readouterr().err
+
+
+def test_missing_prepared_data_is_refused(tmp_path, capsys):
+    params = write_params(tmp_path, FAST)
+    assert main(["train", "--params", str(params), "--stage", "source", "--quiet"]) == 2
+    assert "run `segshift prepare` first" in capsys.readouterr().err
+
+
+def test_missing_pretrained_weights_name_the_file(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    missing = project / "no-such-weights.pth"
+    assert run(project, "--stage", "source", overrides={"model.pretrained": str(missing)}) == 2
+    assert str(missing) in capsys.readouterr().err
