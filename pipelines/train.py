@@ -158,8 +158,16 @@ def _ray_worker(config: dict) -> None:
                       device=ray.train.torch.get_device())
     log = _mlflow_logger(job) if runtime.is_main else (lambda metrics, step: None)
     summary = train_worker(job, runtime, log)
-    ray.train.report({"steps": summary["steps"], "resumed_from": summary["resumed_from"],
-                      "summary": json.dumps(summary)})
+    metrics = {"steps": summary["steps"], "resumed_from": summary["resumed_from"],
+               "summary": json.dumps(summary)}
+    # Ray Train keeps reported metrics only together with a checkpoint, and only rank 0's.
+    if runtime.is_main:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            atomic_write_text(Path(tmp) / "summary.json", metrics["summary"])
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
 
 
 def _mlflow_logger(job: StageJob) -> Callable[[dict[str, float], int], None]:
