@@ -55,23 +55,109 @@ def bench_ingest(count: int, workers: int) -> dict:
             "images_per_s": round(count / seconds, 2)}
 
 
+TRAIN_CASES: dict[str, dict] = {
+    "small_deeplabv2_r18_w0.25": {"backbone": "resnet18", "width": 0.25, "rates": [1, 2, 3, 4],
+                                  "size": (128, 256), "batch": 8},
+    "deeplabv2_r101": {"backbone": "resnet101", "width": 1.0, "rates": [6, 12, 18, 24],
+                       "size": (256, 512), "batch": 2},
+}
+GPU_SIZES = {"gta5_1280x720": (720, 1280), "cityscapes_1024x512": (512, 1024)}
+
+
+def _train_step_worker(case: dict, amp: str, channels_last: bool, steps: int, queue) -> None:
+    """Runs in a fresh process so that its peak memory is its own."""
+    import resource
+
+    import torch
+
+    from segshift.components.config import ModelConfig, OptimizerConfig, SupervisedStageConfig
+    from segshift.components.methods.supervised import Supervised
+    from segshift.components.models.factory import build_model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_cfg = ModelConfig(name="deeplabv2", backbone=case["backbone"], width=case["width"],
+                            rates=case["rates"], aux_head=True, frozen_bn=False, pretrained=None)
+    stage = SupervisedStageConfig(iterations=steps, batch_size=case["batch"], accumulation=1,
+                                  aux_weight=0.1, crop=None, flip=False,
+                                  optimizer=OptimizerConfig(name="sgd", lr=2.5e-4, momentum=0.9,
+                                                            betas=(0.9, 0.99), weight_decay=5e-4,
+                                                            head_lr_mult=10, poly_power=0.9))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    method = Supervised(build_model(model_cfg).to(device, memory_format=fmt), stage)
+    optimizer = method.optimizers["model"].optimizer
+    h, w = case["size"]
+    images = torch.randn(case["batch"], 3, h, w, device=device).to(memory_format=fmt)
+    labels = torch.randint(0, 19, (case["batch"], h, w), device=device)
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            method.training_step({"labelled": (images, labels)}, 0,
+                                 lambda loss: (scaler.scale(loss) if scaler else loss).backward())
+        (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+    step()   # warm-up: allocator, kernels, autotuning
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak_mib = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    queue.put({"device": str(device), "images_per_s": round(case["batch"] * steps / seconds, 2),
+               "peak_memory_mib": round(peak_mib), "step_s": round(seconds / steps, 3)})
+
+
+def bench_train(name: str, case: dict, amp: str, channels_last: bool, steps: int) -> dict:
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_train_step_worker, args=(case, amp, channels_last, steps, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return {"benchmark": "train_step", "model": name, "size": list(case["size"])[::-1],
+            "batch": case["batch"], "amp": amp, "channels_last": channels_last, **result}
+
+
+def train_cases(on_gpu: bool) -> list[tuple[str, dict, str, bool]]:
+    """CPU: fp32 and bf16; GPU: DeepLab-v2-R101 at the paper sizes with and without AMP/channels-last."""
+    if not on_gpu:
+        return [(name, case, amp, False) for name, case in TRAIN_CASES.items() for amp in ("none", "bf16")]
+    cases = []
+    for size_name, size in GPU_SIZES.items():
+        case = {**TRAIN_CASES["deeplabv2_r101"], "size": size, "batch": 1}
+        cases += [(f"deeplabv2_r101@{size_name}", case, amp, cl)
+                  for amp, cl in (("none", False), ("fp16", False), ("bf16", True), ("fp16", True))]
+    return cases
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
     results = {"machine": machine_description(), "results": []}
     for workers in args.workers:
         if args.what in ("generate", "all"):
             results["results"].append(bench_generate(args.count, args.height, args.width, workers))
         if args.what in ("ingest", "all"):
             results["results"].append(bench_ingest(args.ingest_count, workers))
+    if args.what in ("train", "all"):
+        for name, case, amp, channels_last in train_cases(torch.cuda.is_available()):
+            results["results"].append(bench_train(name, case, amp, channels_last, args.train_steps))
     print(json.dumps(results, indent=2))
     return 0
 
 
 def build_bench_parser(sub) -> None:
     parser = sub.add_parser("bench", help="measure throughput (see BENCHMARKS.md)")
-    parser.add_argument("what", choices=["generate", "ingest", "all"], nargs="?", default="all")
+    parser.add_argument("what", choices=["generate", "ingest", "train", "all"], nargs="?", default="all")
     parser.add_argument("--count", type=int, default=400, help="generated images per run")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--ingest-count", type=int, default=48, help="GTA5 frames per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per case")
     parser.set_defaults(func=_cmd_bench)

@@ -12,12 +12,14 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from segshift.components.config import ModelConfig, ProfileConfig, load_params
+from segshift.components.io import atomic_write_text
 from segshift.components.models.factory import build_model, count_parameters
 
 
@@ -111,9 +113,25 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def record_profile(params, report: dict, project_dir: Path) -> Path:
+    """The table in `<reports>/profile.md`, and the numbers in an MLflow run of stage 'profile'."""
+    from segshift.pipelines.tracking import StageTracker
+    table_path = project_dir / params.paths.reports / "profile.md"
+    atomic_write_text(table_path, f"Device: {report['device']}, input {report['width']}x{report['height']}, "
+                                  f"batch {report['batch_size']}\n\n```\n{format_table(report)}\n```\n")
+    with StageTracker(params, stage="profile", project_dir=project_dir) as tracker:
+        for name, numbers in report["models"].items():
+            tracker.log_metrics({f"{name}.{k}": float(v) for k, v in numbers.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tracker.log_dict(report, "profile.json")
+        tracker.log_artifact(table_path)
+    return table_path
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     report = profile_models(params.profile)
+    record_profile(params, report, Path.cwd())
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 

@@ -1,4 +1,4 @@
-"""`dvc repro` in a fresh git repository runs the prepare stage, and running it again is a no-op."""
+"""`dvc repro` in a fresh git repository runs the pipeline, and running it again is a no-op."""
 import os
 import shutil
 import subprocess
@@ -8,6 +8,10 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import REPO, TINY_BUILTIN, set_dotted
+
+TINY_TRAINING = {"source.iterations": 2, "oracle.iterations": 2, "source.batch_size": 2,
+                 "oracle.batch_size": 2, "engine.val_every": 2, "engine.checkpoint_every": 2,
+                 "model.width": 0.125}
 
 BIN = Path(sys.executable).parent
 
@@ -29,7 +33,7 @@ def _fresh_project(tmp_path: Path) -> Path:
         else:
             shutil.copy(src, project / name)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in TINY_BUILTIN.items():
+    for dotted, value in {**TINY_BUILTIN, **TINY_TRAINING}.items():
         set_dotted(raw, dotted, value)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(["git", "init", "-q"], project)
@@ -38,11 +42,15 @@ def _fresh_project(tmp_path: Path) -> Path:
     return project
 
 
-def test_dvc_repro_runs_prepare_then_is_a_no_op(tmp_path):
+def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(tmp_path):
     project = _fresh_project(tmp_path)
     _run([str(BIN / "dvc"), "repro"], project)
     manifest = project / "data" / "prepared" / "target" / "manifest.parquet"
     assert manifest.is_file() and (project / "dvc.lock").is_file()
+    for stage in ("source", "oracle"):
+        assert (project / "models" / stage / "model.pt").is_file()
+    shown = _run([str(BIN / "dvc"), "metrics", "show"], project)
+    assert "metrics/source.json" in shown and "test.miou" in shown
     stamp = manifest.stat().st_mtime_ns
     second = _run([str(BIN / "dvc"), "repro"], project)
     assert "didn't change" in second or "up to date" in second
@@ -53,10 +61,10 @@ def test_dvc_repro_runs_prepare_then_is_a_no_op(tmp_path):
 
 def test_changing_a_prepare_param_reruns_the_stage(tmp_path):
     project = _fresh_project(tmp_path)
-    _run([str(BIN / "dvc"), "repro"], project)
+    _run([str(BIN / "dvc"), "repro", "prepare"], project)
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["prepare"]["builtin"]["seed"] = 1
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert "prepare" in _run([str(BIN / "dvc"), "status"], project)
-    out = _run([str(BIN / "dvc"), "repro"], project)
+    assert "prepare" in _run([str(BIN / "dvc"), "status", "prepare"], project)
+    out = _run([str(BIN / "dvc"), "repro", "prepare"], project)
     assert "Running stage 'prepare'" in out

@@ -53,15 +53,27 @@ def _tiny_params_file(tmp_path: Path) -> Path:
                                    "profile.repeats": 1, "profile.models": TINY_MODELS})
 
 
-def test_cli_json_output_parses(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_cli_json_output_parses_and_is_recorded(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
     params = _tiny_params_file(tmp_path)
     assert load_params(params).profile.height == 64
     assert main(["profile", "--params", str(params), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["models"]) == set(TINY_MODELS) and report["width"] == 64
+    table = (tmp_path / "reports" / "profile.md").read_text()
+    assert all(name in table for name in TINY_MODELS)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("segshift").experiment_id],
+                              "tags.`segshift.stage` = 'profile'")
+    name = next(iter(TINY_MODELS))
+    assert runs[0].data.metrics[f"{name}.params"] == report["models"][name]["params"]
 
 
-def test_cli_table_lists_every_model(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_cli_table_lists_every_model(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["profile", "--params", str(_tiny_params_file(tmp_path))]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "GFLOPs" in lines[1] and "FPS" in lines[1]

@@ -1,0 +1,31 @@
+import json
+
+from segshift.pipelines.bench import bench_ingest, bench_train, train_cases
+from segshift.pipelines.cli import main
+
+
+def test_generate_benchmark_prints_machine_and_throughput(capsys):
+    assert main(["bench", "generate", "--count", "4", "--height", "32", "--width", "64",
+                 "--workers", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["machine"]["cpu_count"] >= 1
+    (result,) = report["results"]
+    assert result["benchmark"] == "generate" and result["images"] == 4 and result["images_per_s"] > 0
+
+
+def test_ingest_benchmark_converts_native_size_gta5_frames():
+    result = bench_ingest(count=2, workers=1)
+    assert result["native_size"] == [1914, 1052] and result["images_per_s"] > 0
+
+
+def test_train_step_benchmark_reports_speed_and_peak_memory():
+    case = {"backbone": "resnet18", "width": 0.125, "rates": [1], "size": (32, 64), "batch": 2}
+    result = bench_train("tiny", case, "none", False, steps=1)
+    assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 50
+    assert result["size"] == [64, 32] and result["device"] == "cpu"
+
+
+def test_cpu_cases_cover_the_small_model_and_r101_with_and_without_bf16():
+    cases = {(name, amp) for name, _, amp, _ in train_cases(on_gpu=False)}
+    assert cases == {("small_deeplabv2_r18_w0.25", "none"), ("small_deeplabv2_r18_w0.25", "bf16"),
+                     ("deeplabv2_r101", "none"), ("deeplabv2_r101", "bf16")}
