@@ -111,11 +111,10 @@ class ModelConfig(_Strict):
 
 
 class CalibrateConfig(_Strict):
-    """`segshift calibrate`: quick supervised runs of `model` that measure the domain gap."""
+    """`segshift calibrate`: the `source` recipe, shortened, trained three ways to measure the gap."""
 
     iterations: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0, le=1)
     seed: int = Field(ge=0)
     out: str
 
