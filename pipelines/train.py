@@ -28,7 +28,7 @@ from segshift.components.engine.loop import Runtime, Trainer, resolve_device
 from segshift.components.evaluation import evaluate, validation_metrics
 from segshift.components.io import atomic_write_text
 from segshift.components.methods.supervised import Supervised
-from segshift.components.models.factory import build_model
+from segshift.components.models.factory import build_model, check_checkpoint_compatible
 
 SUPERVISED_STAGES: dict[str, str] = {"source": "source", "oracle": "target"}  # stage -> train domain
 STREAMS = {"labelled": 0, "unlabelled": 1}
@@ -219,14 +219,26 @@ def export_model(job: StageJob, best: dict) -> Path:
     return out
 
 
+def load_stage_model(path: Path, params: Params) -> torch.nn.Module:
+    """A saved network (a stage's model.pt or best.pt) in the configured architecture.
+
+    Raises ModelError naming the file when it holds another architecture, width or class count.
+    """
+    state = load_checkpoint(path)
+    # The trained weights replace everything: no need to fetch ImageNet weights again.
+    model = build_model(params.model.model_copy(update={"pretrained": None}))
+    check_checkpoint_compatible(state["model"], model, str(path))
+    model.load_state_dict(state["model"])
+    return model
+
+
 def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
     """Evaluate the selected checkpoint on target test and write metrics, tables and pictures."""
     from segshift.pipelines.report import write_stage_report
     params = job.config
-    best = load_checkpoint(job.path(params.paths.checkpoints) / job.stage / "best.pt")
-    # The trained weights replace everything: no need to fetch ImageNet weights again.
-    model = build_model(params.model.model_copy(update={"pretrained": None}))
-    model.load_state_dict(best["model"])
+    best_path = job.path(params.paths.checkpoints) / job.stage / "best.pt"
+    best = load_checkpoint(best_path)
+    model = load_stage_model(best_path, params)
     device = resolve_device(params.engine.device)
     model.to(device)
     test = PreparedSplit(job.path(params.prepare.out_dir) / "target", "test", cache=False)

@@ -90,3 +90,21 @@ def test_missing_pretrained_weights_name_the_file(project, monkeypatch, capsys):
     missing = project / "no-such-weights.pth"
     assert run(project, "--stage", "source", overrides={"model.pretrained": str(missing)}) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_a_model_of_another_width_or_class_count_is_refused_naming_the_file(project, monkeypatch):
+    from segshift.components.models.factory import ModelError
+    from segshift.pipelines.train import load_stage_model
+    monkeypatch.chdir(project)
+    if not (project / "models" / "source" / "model.pt").is_file():
+        assert run(project, "--stage", "source") == 0
+    path = project / "models" / "source" / "model.pt"
+    wider = load_params(write_params(project, {**FAST, "model.width": 0.25}))
+    with pytest.raises(ModelError, match=str(path)):
+        load_stage_model(path, wider)
+    state = torch.load(path, weights_only=False)
+    state["model"] = {k: (v[:16] if k.startswith("layer6") or k.startswith("layer5") else v)
+                      for k, v in state["model"].items()}
+    torch.save(state, project / "sixteen.pt")
+    with pytest.raises(ModelError, match="16 classes"):
+        load_stage_model(project / "sixteen.pt", load_params(write_params(project, FAST)))
