@@ -274,9 +274,13 @@ def _git(repo: Path, *args: str) -> str:
                            *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def test_git_and_dvc_stage_tags(store, experiment, tmp_path, monkeypatch):
-    from dvc.repo import Repo
+def _dvc(repo, *args):
+    # The CLI in a subprocess, as users run it: in-process DVC logs to streams pytest has closed.
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([str(dvc), *args], cwd=repo, check=True, capture_output=True, text=True)
 
+
+def test_git_and_dvc_stage_tags(store, experiment, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     (repo / "src").mkdir(parents=True)
     (repo / "src" / "a.txt").write_text("a")
@@ -285,7 +289,7 @@ def test_git_and_dvc_stage_tags(store, experiment, tmp_path, monkeypatch):
         "cmd": f"{sys.executable} -c \"import shutil; shutil.copytree('src', 'out')\"",
         "deps": ["src"], "params": ["foo"], "outs": ["out"]}}}))
     _git(repo, "init", "-q")
-    Repo.init(str(repo)).close()
+    _dvc(repo, "init", "-q")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "init")
 
@@ -297,9 +301,7 @@ def test_git_and_dvc_stage_tags(store, experiment, tmp_path, monkeypatch):
     assert tags["dvc.stage"] == "make"
 
     # The hash is DVC's own run-cache key for the stage: a repro files its run under it.
-    monkeypatch.chdir(repo)  # DVC resolves stage targets against the CWD
-    with Repo(str(repo)) as dvc_repo:
-        dvc_repo.reproduce("make")
+    _dvc(repo, "repro", "make")
     assert [p.name for p in (repo / ".dvc" / "cache" / "runs").glob("*/*")] == [tags["dvc.stage_hash"]]
     _git(repo, "add", "dvc.lock")
     _git(repo, "commit", "-qm", "lock")

@@ -124,7 +124,7 @@ def test_fp16_needs_cuda(tmp_path):
 
 
 def test_heads_train_at_ten_times_the_backbone_rate(tmp_path, source_train):
-    p = params(**{"source.iterations": 1})
+    p = params(**{"source.iterations": 1, "source.optimizer.head_lr_mult": 10})
     trainer = make_trainer(p, tmp_path)
     trainer.fit(batches(source_train, p))
     lrs = [g["lr"] for g in trainer.method.optimizers["model"].optimizer.param_groups]
