@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +163,6 @@ def _ray_worker(config: dict) -> None:
                "summary": json.dumps(summary)}
     # Ray Train keeps reported metrics only together with a checkpoint, and only rank 0's.
     if runtime.is_main:
-        import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             atomic_write_text(Path(tmp) / "summary.json", metrics["summary"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -174,8 +174,8 @@ def _mlflow_logger(job: StageJob) -> Callable[[dict[str, float], int], None]:
     """Rank 0 of a Ray worker group logs into the stage run the driver opened."""
     if not job.run_id:
         return lambda metrics, step: None
-    from mlflow.tracking import MlflowClient
     from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
     client = MlflowClient(job.tracking_uri)
 
     def log(metrics: dict[str, float], step: int) -> None:
