@@ -49,3 +49,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def encode_png(array, rgb: bool, compression: int) -> bytes:
+    """PNG bytes of an RGB (H, W, 3) or single-channel array; same array and level, same bytes."""
+    import cv2
+    data = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if rgb else array
+    ok, encoded = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise ValueError(f"cannot encode a {array.shape} {array.dtype} array as PNG")
+    return encoded.tobytes()
+
+
+def write_png(path: str | Path, array, compression: int = 3) -> Path:
+    """Atomically write an RGB image (H, W, 3) or a label/grey map (H, W) as PNG."""
+    return atomic_write_bytes(path, encode_png(array, rgb=array.ndim == 3, compression=compression))

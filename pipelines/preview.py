@@ -5,9 +5,9 @@ import argparse
 from pathlib import Path
 
 from segshift.components.config import load_params
-from segshift.components.data.builtin import write_png
 from segshift.components.data.synthetic import (CONDITIONS, render_sample, sample_rng,
                                                 source_style, target_style)
+from segshift.components.io import write_png
 from segshift.components.visualize import colorize, grid
 
 

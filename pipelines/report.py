@@ -8,10 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from segshift.components.data.builtin import write_png
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.evaluation import Evaluation
-from segshift.components.io import atomic_write_text
+from segshift.components.io import atomic_write_text, write_png
 from segshift.components.losses import normalised_entropy, upsample
 from segshift.components.visualize import (confusion_matrix_picture, grid, iou_bar_picture,
                                            prediction_rows)

@@ -5,12 +5,10 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from segshift.components.data.manifest import SampleRecord, write_manifest
 from segshift.components.data.synthetic import (choose_condition, render_sample, sample_rng,
                                                 source_style, target_style)
+from segshift.components.io import write_png
 from segshift.components.parallel import parallel_map
 
 DATASET_NAME = "builtin"
@@ -37,14 +35,6 @@ def spec_from_config(cfg) -> BuiltinSpec:
     return BuiltinSpec(seed=cfg.seed, height=cfg.height, width=cfg.width,
                        appearance_gap=cfg.appearance_gap,
                        conditions=tuple(sorted(cfg.conditions.items())))
-
-
-def write_png(path: Path, array: np.ndarray) -> None:
-    """Deterministic PNG: same array, same bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(str(path), data, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-        raise OSError(f"{path}: could not write PNG")
 
 
 def render_one(spec: BuiltinSpec, out_dir: str, job: tuple[str, str, int]) -> SampleRecord:

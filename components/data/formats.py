@@ -32,6 +32,7 @@ from segshift.components.data.labels import (
 )
 from segshift.components.data.manifest import SampleRecord, SkippedSample
 from segshift.components.data.storage import DatasetRoot
+from segshift.components.io import encode_png
 
 DatasetKind = Literal["gta5", "cityscapes", "synthia"]
 LabelEncoding = Literal["cityscapes_ids", "cityscapes_train_ids", "synthia_ids"]
@@ -282,18 +283,11 @@ def resize_label(label: np.ndarray, size: Size | None) -> np.ndarray:
 
 
 def encode_image_png(rgb: np.ndarray) -> bytes:
-    return _encode_png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return encode_png(rgb, rgb=True, compression=PNG_COMPRESSION)
 
 
 def encode_label_png(train_ids: np.ndarray) -> bytes:
-    return _encode_png(train_ids)
-
-
-def _encode_png(array: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
-    if not ok:
-        raise IngestError(f"cannot encode a {array.shape} {array.dtype} array as PNG")
-    return encoded.tobytes()
+    return encode_png(train_ids, rgb=False, compression=PNG_COMPRESSION)
 
 
 # --- conversion of one sample -----------------------------------------------------------------

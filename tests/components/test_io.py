@@ -31,3 +31,19 @@ def test_atomic_write_text_leaves_no_temporary_files(tmp_path):
     path = atomic_write_text(tmp_path / "sub" / "a.json", "{}")
     assert path.read_text() == "{}"
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]
+
+
+def test_write_png_round_trips_rgb_and_labels_and_is_deterministic(tmp_path):
+    import cv2
+    import numpy as np
+
+    from segshift.components.io import write_png
+    rgb = np.random.default_rng(0).integers(0, 255, (8, 12, 3), dtype=np.uint8)
+    label = np.full((8, 12), 255, np.uint8)
+    write_png(tmp_path / "a.png", rgb)
+    write_png(tmp_path / "b.png", rgb)
+    write_png(tmp_path / "l.png", label)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert np.array_equal(cv2.cvtColor(cv2.imread(str(tmp_path / "a.png")), cv2.COLOR_BGR2RGB), rgb)
+    assert np.array_equal(cv2.imread(str(tmp_path / "l.png"), cv2.IMREAD_UNCHANGED), label)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "l.png"]
