@@ -8,6 +8,8 @@ to the stage's MLflow run, writes checkpoints and, at the end, evaluates the sel
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import hashlib
 import json
 import tempfile
@@ -50,8 +52,9 @@ class StageJob:
     run_id: str | None = None
     progress: bool = True
 
-    @property
+    @functools.cached_property
     def config(self) -> Params:
+        """The validated params, built once per job (and once more in each Ray worker)."""
         return Params.model_validate(self.params)
 
     def path(self, relative: str) -> Path:
@@ -69,7 +72,8 @@ def stage_config(params: Params, stage: str) -> SupervisedStageConfig:
 
 def check_inputs(job: StageJob) -> None:
     """Fail fast, with the numbers, on inputs a stage cannot train on."""
-    params, cfg = job.config, stage_config(job.config, job.stage)
+    params = job.config
+    cfg = stage_config(params, job.stage)
     prepared = job.path(params.prepare.out_dir)
     for domain in ("source", "target"):
         if not (prepared / domain / MANIFEST_NAME).is_file():
@@ -199,7 +203,7 @@ def run_workers(job: StageJob, log: Callable[[dict[str, float], int], None]) -> 
     if workers.use_gpu:
         resources["GPU"] = max(workers.gpus_per_worker, 1)
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config=job.__dict__,
+        _ray_worker, train_loop_config=dataclasses.asdict(job),
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"segshift-{job.stage}",
@@ -264,7 +268,7 @@ def train_stage(params: Params, stage: str, project_dir: Path, progress: bool = 
     check_inputs(job)
     start = time.perf_counter()
     with StageTracker(params, stage=stage, project_dir=job.project_dir) as tracker:
-        job = StageJob(**{**job.__dict__, "tracking_uri": tracker.tracking_uri, "run_id": tracker.run_id})
+        job = dataclasses.replace(job, tracking_uri=tracker.tracking_uri, run_id=tracker.run_id)
         summary = run_workers(job, tracker.log_metrics)
         return finish_stage(job, summary, time.perf_counter() - start, tracker)
 

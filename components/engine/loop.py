@@ -268,7 +268,7 @@ class Trainer:
         if self.selection.improves(value):
             self.selection.value, self.selection.step = value, step
             self._save_best(step, metrics)
-        self.on_log({f"{k}": v for k, v in metrics.items()}, step)
+        self.on_log(metrics, step)
         self._barrier()
         return metrics
 
