@@ -19,7 +19,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # Aliases (`rank.lambda`, a Python keyword) are the names in params.yaml, in and out.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, serialize_by_alias=True,
+                              validate_by_name=True, validate_by_alias=True)
 
 
 class BuiltinCounts(_Strict):
@@ -174,6 +176,64 @@ class SupervisedStageConfig(_Strict):
     optimizer: OptimizerConfig
 
 
+class DiscriminatorConfig(_Strict):
+    """The fully-convolutional domain discriminators of an adversarial stage (one per output level)."""
+
+    ndf: int = Field(ge=1, le=512)     # width of the first conv (reference 64; x2 per layer)
+    optimizer: OptimizerConfig         # reference: adam, lr 1e-4, betas (0.9, 0.99)
+
+
+AdaptationMethod = Literal["advent", "minent", "adaptsegnet"]
+
+
+class AdaptationStageConfig(_Strict):
+    """A stage with labelled and unlabelled images: `inter` (source -> target train) and `intra`
+    (easy target split with pseudo-labels -> hard target split)."""
+
+    # advent: discriminators on entropy maps; adaptsegnet: on softmax maps; minent: target entropy.
+    method: AdaptationMethod
+    # Initial weights: a previous stage's model (inter: source; intra: inter), the ImageNet backbone
+    # of model.pretrained, or scratch.
+    init: Literal["source", "inter", "imagenet", "scratch"]
+    iterations: int = Field(ge=1)
+    batch_size: int = Field(ge=1)      # images of EACH domain per step (reference: 1 + 1)
+    accumulation: int = Field(ge=1)
+    aux_weight: float = Field(ge=0)    # segmentation loss = main + aux_weight * aux
+    crop: tuple[int, int] | None
+    flip: bool
+    adv_weight_main: float = Field(ge=0)      # advent/adaptsegnet: lambda_adv (ref. 0.001)
+    adv_weight_aux: float = Field(ge=0)       # lambda_adv of the auxiliary level (ref. 0.0002)
+    entropy_weight_main: float = Field(ge=0)  # minent: lambda_ent (ref. 0.001)
+    entropy_weight_aux: float = Field(ge=0)   # (ref. 0.0002)
+    optimizer: OptimizerConfig                # the segmentation network
+    discriminator: DiscriminatorConfig
+
+
+class RankConfig(_Strict):
+    """`segshift rank`: entropy ranking of target train with the inter model, easy/hard split."""
+
+    lambda_: float = Field(alias="lambda", gt=0, lt=1)   # share of target train ranked easy (ref. 0.67)
+    # Scale each score by the rare classes its prediction contains (IntraDA's normalisation).
+    entropy_normalisation: bool
+    # Easy-split pseudo-label pixels whose max softmax is below this become ignore (255); null = none.
+    confidence_threshold: float | None = Field(ge=0, lt=1)
+    batch_size: int = Field(ge=1)       # images per inference batch
+    concurrency: int = Field(ge=1)      # Ray Data inference actors
+    cpus_per_actor: float = Field(gt=0)
+    gpus_per_actor: float = Field(ge=0)
+    out_dir: str                        # ranking.parquet and pseudo_labels/ (a DVC out)
+
+
+EvaluatedStage = Literal["source", "inter", "intra", "oracle"]
+
+
+class EvaluateConfig(_Strict):
+    """`segshift evaluate`: every trained stage's model on target test, side by side."""
+
+    stages: list[EvaluatedStage] = Field(min_length=1)
+    out: str                            # the summary JSON (a DVC metric)
+
+
 class PathsConfig(_Strict):
     """Where stages write; relative paths are relative to the project directory."""
 
@@ -211,11 +271,32 @@ class Params(_Strict):
     engine: EngineConfig
     source: SupervisedStageConfig
     oracle: SupervisedStageConfig
+    inter: AdaptationStageConfig
+    rank: RankConfig
+    intra: AdaptationStageConfig
+    evaluate: EvaluateConfig
     paths: PathsConfig
     ray: RayConfig
     tracking: TrackingConfig
     calibrate: CalibrateConfig
     profile: ProfileConfig
+
+    @model_validator(mode="after")
+    def _stages_fit_together(self) -> "Params":
+        allowed_init = {"inter": ("source", "imagenet", "scratch"), "intra": ("inter", "imagenet", "scratch")}
+        for stage, allowed in allowed_init.items():
+            cfg: AdaptationStageConfig = getattr(self, stage)
+            if cfg.init not in allowed:
+                raise ValueError(f"{stage}.init: '{cfg.init}' is not allowed here; expected one of {list(allowed)}")
+            if cfg.init == "imagenet" and not self.model.pretrained:
+                raise ValueError(f"{stage}.init is 'imagenet' but model.pretrained is null; "
+                                 "set it to a torchvision ResNet weights file or s3:// URI")
+            aux = cfg.entropy_weight_aux if cfg.method == "minent" else cfg.adv_weight_aux
+            if aux > 0 and not self.model.aux_head:
+                key = "entropy_weight_aux" if cfg.method == "minent" else "adv_weight_aux"
+                raise ValueError(f"{stage}.{key} = {aux} adapts a second output level, but "
+                                 "model.aux_head is false (one output); set it to 0 or enable the head")
+        return self
 
 
 def _format_error(err: dict[str, Any]) -> str:

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.preview import build_preview_parser
     from segshift.pipelines.train import build_train_parser
     from segshift.pipelines.profile import build_profile_parser
+    from segshift.pipelines.rank import build_rank_parser
+    from segshift.pipelines.evaluate import build_evaluate_parser
 
     parser = argparse.ArgumentParser(
         prog="segshift", description="Domain-adaptive semantic segmentation pipelines.")
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_prepare)
 
     build_train_parser(sub, _add_params)
+    build_rank_parser(sub, _add_params)
+    build_evaluate_parser(sub, _add_params)
     build_ingest_parser(sub)
     build_calibrate_parser(sub, _add_params)
     build_preview_parser(sub, _add_params)
