@@ -56,3 +56,61 @@ def validation_metrics(evaluation: Evaluation) -> dict[str, float]:
     summary = evaluation.summary()
     return {"val_miou": summary["miou"], "val_pixel_accuracy": summary["pixel_accuracy"],
             "val_entropy": evaluation.mean_entropy}
+
+
+@dataclass
+class GroupedEvaluation:
+    """One pass over a split: the total, and one Evaluation per group (e.g. target condition).
+
+    Every sample belongs to exactly one group (None included, for samples without one), so the
+    total confusion is the sum of the group confusions.
+    """
+
+    total: Evaluation
+    groups: dict[str | None, Evaluation]
+    counts: dict[str | None, int]   # samples per group
+
+
+@torch.inference_mode()
+def evaluate_by_group(model: nn.Module, dataset: Dataset, groups: list[str | None], batch_size: int,
+                      device: torch.device, num_classes: int = NUM_CLASSES, progress: bool = False,
+                      desc: str = "evaluate", loader_workers: int = 0) -> GroupedEvaluation:
+    """`evaluate`, with the confusion and mean entropy also kept per group of samples.
+
+    `groups[i]` names the group of `dataset[i]` (None: no group). Same conventions as `evaluate`:
+    main logits upsampled to the label size, argmax prediction, ignore pixels left out.
+    """
+    if len(groups) != len(dataset):
+        raise ValueError(f"{len(groups)} group names for {len(dataset)} samples")
+    order = list(dict.fromkeys(groups))
+    conf = {g: torch.zeros(num_classes, num_classes, dtype=torch.long) for g in order}
+    entropy_sum = dict.fromkeys(order, 0.0)
+    pixels = dict.fromkeys(order, 0)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
+    offset = 0
+    try:
+        for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+            images = images.to(device)
+            size = labels.shape[-2:] if labels.numel() else images.shape[-2:]
+            probs = upsample(model(images).main.float(), size).softmax(1)
+            entropy = normalised_entropy(probs).cpu()
+            prediction = probs.argmax(1).cpu()
+            batch_groups = groups[offset:offset + len(images)]
+            offset += len(images)
+            for group in dict.fromkeys(batch_groups):
+                index = torch.tensor([i for i, g in enumerate(batch_groups) if g == group])
+                entropy_sum[group] += float(entropy[index].sum())
+                pixels[group] += entropy[index].numel()
+                if labels.numel():
+                    conf[group] += confusion_matrix(prediction[index], labels[index], num_classes)
+    finally:
+        model.train(was_training)
+    per_group = {g: Evaluation(conf[g], entropy_sum[g] / max(pixels[g], 1)) for g in order}
+    total_conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for g in order:
+        total_conf += conf[g]
+    total = Evaluation(total_conf, sum(entropy_sum.values()) / max(sum(pixels.values()), 1))
+    counts = {g: groups.count(g) for g in order}
+    return GroupedEvaluation(total, per_group, counts)

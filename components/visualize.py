@@ -103,3 +103,26 @@ def iou_bar_picture(series: dict[str, dict[str, float]], title: str) -> np.ndarr
     ax.legend(fontsize=8)
     figure.tight_layout()
     return _figure_to_rgb(figure)
+
+
+def grouped_bar_picture(series: dict[str, dict[str, float]], title: str, ylabel: str = "mIoU (%)",
+                        ylim: float = 100.0) -> np.ndarray:
+    """Grouped bars, one series per name (values as fractions, drawn in %; NaN/None as 0)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys(g for values in series.values() for g in values))
+    figure, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(groups) * max(1, len(series)) / 2), 4),
+                              dpi=100)
+    width = 0.8 / max(len(series), 1)
+    for k, (label, values) in enumerate(series.items()):
+        heights = [values.get(g) for g in groups]
+        heights = [100 * v if v is not None and v == v else 0.0 for v in heights]
+        ax.bar(np.arange(len(groups)) + k * width, heights, width, label=label)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, ylim)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return _figure_to_rgb(figure)

@@ -20,8 +20,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from segshift.components.engine.loop import EngineError, TrainingDiverged
     from segshift.components.models.factory import ModelError
     from segshift.pipelines.train import StageInputError
+    from segshift.components.ranking import RankingError
     return USER_ERRORS + (ManifestError, StorageError, IngestError, ModelError, CheckpointError,
-                          EngineError, TrainingDiverged, StageInputError)
+                          EngineError, TrainingDiverged, StageInputError, RankingError)
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,7 @@
-"""`segshift train --stage {source,oracle}`: supervised stages on the shared engine, run by Ray Train.
+"""`segshift train --stage {source,oracle,inter,intra}`: training stages on the shared engine, run by Ray Train.
+
+source / oracle train with labels only (Supervised); inter (source -> target) and intra (easy target
+split with pseudo-labels -> hard split) adapt with OutputSpaceAdaptation (ADVENT and variants).
 
 With `engine.workers.num_workers: 0` the worker function runs in this process; otherwise a Ray
 Train `TorchTrainer` runs it on `num_workers` DDP workers (gloo on CPU, nccl on GPU). Rank 0 logs
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from segshift.components.config import Params, SupervisedStageConfig, load_params
+from segshift.components.config import (AdaptationStageConfig, Params, SupervisedStageConfig,
+                                        load_params)
 from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.data.manifest import MANIFEST_NAME, ManifestError
@@ -30,10 +34,22 @@ from segshift.components.engine.checkpoint import load_checkpoint, save_checkpoi
 from segshift.components.engine.loop import Runtime, Trainer, resolve_device
 from segshift.components.evaluation import evaluate, validation_metrics
 from segshift.components.io import atomic_write_text
+from segshift.components.methods.advent import OutputSpaceAdaptation
 from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model, check_checkpoint_compatible
+from segshift.components.ranking import (RANKING_NAME, check_ranking_matches, pseudo_label_paths,
+                                         ranked_splits, read_ranking)
 
-SUPERVISED_STAGES: dict[str, str] = {"source": "source", "oracle": "target"}  # stage -> train domain
+# stage -> where its labelled and unlabelled images come from
+STAGE_DATA: dict[str, dict[str, str]] = {
+    "source": {"labelled": "source train"},
+    "oracle": {"labelled": "target train"},
+    "inter": {"labelled": "source train", "unlabelled": "target train"},
+    "intra": {"labelled": "target train, easy split + pseudo-labels", "unlabelled": "target train, hard split"},
+}
+STAGES = tuple(STAGE_DATA)
+# what an adaptation stage's `init` loads: the model a previous stage exported
+INIT_FROM_STAGE = {"source": "source", "inter": "inter"}
 STREAMS = {"labelled": 0, "unlabelled": 1}
 
 
@@ -64,10 +80,40 @@ class StageJob:
 
 # -- inputs ---------------------------------------------------------------------------------------
 
-def stage_config(params: Params, stage: str) -> SupervisedStageConfig:
-    if stage not in SUPERVISED_STAGES:
-        raise StageInputError(f"unknown stage '{stage}'; expected one of {sorted(SUPERVISED_STAGES)}")
+def stage_config(params: Params, stage: str) -> SupervisedStageConfig | AdaptationStageConfig:
+    if stage not in STAGE_DATA:
+        raise StageInputError(f"unknown stage '{stage}'; expected one of {list(STAGES)}")
     return getattr(params, stage)
+
+
+def init_model_path(job: StageJob) -> Path | None:
+    """The exported model an adaptation stage starts from, if its `init` names a stage."""
+    cfg = stage_config(job.config, job.stage)
+    stage = INIT_FROM_STAGE.get(getattr(cfg, "init", ""))
+    return job.path(job.config.paths.models) / stage / "model.pt" if stage else None
+
+
+def ranking_dir(job: StageJob) -> Path:
+    return job.path(job.config.rank.out_dir)
+
+
+def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSplit]:
+    """The training images of each role; `intra` reads the ranking's easy/hard split."""
+    params, stage = job.config, job.stage
+    cfg = stage_config(params, stage)
+    prepared = job.path(params.prepare.out_dir)
+    aug = {"cache": cache, "crop": tuple(cfg.crop) if cfg.crop else None, "flip": cfg.flip}
+    if stage == "intra":
+        table = read_ranking(ranking_dir(job))
+        easy, hard = ranked_splits(table)
+        return {"labelled": PreparedSplit(prepared / "target", "train", ids=easy,
+                                          label_paths=pseudo_label_paths(ranking_dir(job), table), **aug),
+                "unlabelled": PreparedSplit(prepared / "target", "train", need_labels=False, ids=hard, **aug)}
+    datasets = {"labelled": PreparedSplit(prepared / ("source" if stage in ("source", "inter") else "target"),
+                                          "train", **aug)}
+    if stage == "inter":
+        datasets["unlabelled"] = PreparedSplit(prepared / "target", "train", need_labels=False, **aug)
+    return datasets
 
 
 def check_inputs(job: StageJob) -> None:
@@ -78,17 +124,27 @@ def check_inputs(job: StageJob) -> None:
     for domain in ("source", "target"):
         if not (prepared / domain / MANIFEST_NAME).is_file():
             raise StageInputError(f"{prepared / domain / MANIFEST_NAME}: missing; run `segshift prepare` first")
-    train = PreparedSplit(prepared / SUPERVISED_STAGES[job.stage], "train")
-    if len(train) < cfg.batch_size:
-        raise StageInputError(f"{job.stage}: {len(train)} training images is fewer than "
-                              f"{job.stage}.batch_size = {cfg.batch_size}")
+    init = init_model_path(job)
+    if init is not None and not init.is_file():
+        raise StageInputError(f"{job.stage}.init is '{cfg.init}' but {init} does not exist; run "
+                              f"`dvc repro {cfg.init}` (or `segshift train --stage {cfg.init}`) first")
+    if job.stage == "intra":
+        if not (ranking_dir(job) / RANKING_NAME).is_file():
+            raise StageInputError(f"{ranking_dir(job) / RANKING_NAME}: missing; run `dvc repro rank` "
+                                  "(or `segshift rank`) first")
+        check_ranking_matches(ranking_dir(job), prepared / "target")
     workers = max(1, params.engine.workers.num_workers)
+    for role, dataset in stage_datasets(job).items():
+        where = f"{job.stage} ({STAGE_DATA[job.stage][role]})"
+        if len(dataset) < cfg.batch_size:
+            raise StageInputError(f"{where}: {len(dataset)} training images is fewer than "
+                                  f"{job.stage}.batch_size = {cfg.batch_size}")
+        if cfg.crop is None and len(dataset.sizes) > 1:
+            raise StageInputError(f"{where}: training images have {len(dataset.sizes)} sizes "
+                                  f"({sorted(dataset.sizes)[:3]} ...); set {job.stage}.crop or resize when preparing")
     if cfg.batch_size % workers:
         raise StageInputError(f"{job.stage}.batch_size = {cfg.batch_size} is not divisible by "
                               f"engine.workers.num_workers = {workers}")
-    if cfg.crop is None and len(train.sizes) > 1:
-        raise StageInputError(f"{job.stage}: training images have {len(train.sizes)} sizes "
-                              f"({sorted(train.sizes)[:3]} ...); set {job.stage}.crop or resize when preparing")
 
 
 def data_fingerprint(prepared: Path) -> str:
@@ -98,11 +154,25 @@ def data_fingerprint(prepared: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_fingerprint(params: Params, stage: str, prepared: Path) -> str:
-    """What a resumable checkpoint must match: the stage, model, seed, precision and data."""
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(job: StageJob) -> str:
+    """What a resumable checkpoint must match: the stage, model, seed, precision and every input."""
+    params, stage = job.config, job.stage
     identity = {"stage": stage, "stage_config": getattr(params, stage).model_dump(mode="json"),
                 "model": params.model.model_dump(mode="json"), "seed": params.engine.seed,
-                "amp": params.engine.amp, "data": data_fingerprint(prepared)}
+                "amp": params.engine.amp, "data": data_fingerprint(job.path(params.prepare.out_dir))}
+    init = init_model_path(job)
+    if init is not None:
+        identity["init"] = file_digest(init)
+    if stage == "intra":
+        identity["ranking"] = file_digest(ranking_dir(job) / RANKING_NAME)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -115,14 +185,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_source(dataset: PreparedSplit, global_batch: int, total_micro_steps: int, seed: int,
-                 runtime: Runtime, loader_workers: int) -> Callable[[str, int], Any]:
+def batch_source(datasets: dict[str, PreparedSplit], global_batch: int, total_micro_steps: int,
+                 seed: int, runtime: Runtime, loader_workers: int) -> Callable[[str, int], Any]:
     def make(role: str, start: int):
-        sampler = StepBatchSampler(len(dataset), global_batch, seed, STREAMS[role], start,
+        sampler = StepBatchSampler(len(datasets[role]), global_batch, seed, STREAMS[role], start,
                                    total_micro_steps, runtime.rank, runtime.world_size)
-        return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=loader_workers,
+        return iter(DataLoader(datasets[role], batch_sampler=sampler, num_workers=loader_workers,
                                pin_memory=runtime.device.type == "cuda"))
     return make
+
+
+def initial_model(job: StageJob) -> torch.nn.Module:
+    """The network a stage starts from: ImageNet backbone / scratch, or a previous stage's model."""
+    params = job.config
+    cfg = stage_config(params, job.stage)
+    init = getattr(cfg, "init", "imagenet")
+    if init in INIT_FROM_STAGE:
+        return load_stage_model(init_model_path(job), params)
+    model_cfg = params.model if init == "imagenet" else params.model.model_copy(update={"pretrained": None})
+    return build_model(model_cfg, endpoint_url=params.storage.s3_endpoint_url)
+
+
+def build_method(job: StageJob, model: torch.nn.Module):
+    cfg = stage_config(job.config, job.stage)
+    if isinstance(cfg, AdaptationStageConfig):
+        return OutputSpaceAdaptation(model, cfg)
+    return Supervised(model, cfg)
 
 
 def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float], int], None]) -> dict:
@@ -130,20 +218,18 @@ def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float
     cfg, engine = stage_config(params, stage), params.engine
     seed_everything(engine.seed + runtime.rank)
     prepared = job.path(params.prepare.out_dir)
-    train = PreparedSplit(prepared / SUPERVISED_STAGES[stage], "train", cache=engine.cache_images,
-                          crop=tuple(cfg.crop) if cfg.crop else None, flip=cfg.flip)
+    datasets = stage_datasets(job, cache=engine.cache_images)
     val = PreparedSplit(prepared / "target", "val", cache=engine.cache_images,
                         need_labels=engine.selection == "val_miou")
-    model = build_model(params.model, endpoint_url=params.storage.s3_endpoint_url)
-    method = Supervised(model, cfg)
+    method = build_method(job, initial_model(job))
     checkpoints = job.path(params.paths.checkpoints) / stage
     trainer = Trainer(
         method, engine, cfg.iterations, cfg.accumulation,
         checkpoint_path=checkpoints / "last.pt", best_path=checkpoints / "best.pt",
-        fingerprint=run_fingerprint(params, stage, prepared), runtime=runtime,
+        fingerprint=run_fingerprint(job), runtime=runtime,
         validate=lambda m: validation_metrics(evaluate(m, val, engine.eval_batch_size, runtime.device)),
         on_log=log if runtime.is_main else None, progress=job.progress, desc=stage)
-    source = batch_source(train, cfg.batch_size, cfg.iterations * cfg.accumulation, engine.seed,
+    source = batch_source(datasets, cfg.batch_size, cfg.iterations * cfg.accumulation, engine.seed,
                           runtime, engine.loader_workers)
     result = trainer.fit(source)
     summary = {"steps": result.steps, "resumed_from": result.resumed_from,
@@ -284,7 +370,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_train_parser(sub, add_params) -> None:
-    parser = sub.add_parser("train", help="train one stage (DVC stages source, oracle)")
-    parser.add_argument("--stage", required=True, choices=sorted(SUPERVISED_STAGES))
+    parser = sub.add_parser("train", help="train one stage (DVC stages source, oracle, inter, intra)")
+    parser.add_argument("--stage", required=True, choices=STAGES)
     add_params(parser)
     parser.set_defaults(func=_cmd_train)

@@ -1,4 +1,6 @@
-"""`dvc repro` in a fresh git repository runs the pipeline, and running it again is a no-op."""
+"""`dvc repro` in a fresh git repository runs the whole pipeline, running it again is a no-op, and a
+changed `rank.lambda` reruns only rank, intra and evaluate (`dvc exp run -S`)."""
+import json
 import os
 import shutil
 import subprocess
@@ -9,9 +11,11 @@ import yaml
 
 from tests.conftest import REPO, TINY_BUILTIN, set_dotted
 
-TINY_TRAINING = {"source.iterations": 2, "oracle.iterations": 2, "source.batch_size": 2,
-                 "oracle.batch_size": 2, "engine.val_every": 2, "engine.checkpoint_every": 2,
-                 "model.width": 0.125}
+TINY_TRAINING = {**{f"{stage}.{key}": 2 for stage in ("source", "oracle", "inter", "intra")
+                    for key in ("iterations", "batch_size")},
+                 "engine.val_every": 2, "engine.checkpoint_every": 2, "model.width": 0.125,
+                 "rank.lambda": 0.5, "ray.local_num_cpus": 1}
+STAGES = ("prepare", "source", "oracle", "inter", "rank", "intra", "evaluate")
 
 BIN = Path(sys.executable).parent
 
@@ -23,9 +27,9 @@ def _run(args: list[str], cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-def _fresh_project(tmp_path: Path) -> Path:
+def _fresh_project(tmp_path: Path, overrides: dict | None = None) -> Path:
     project = tmp_path / "project"
-    project.mkdir()
+    project.mkdir(parents=True)
     for name in ("components", "pipelines", ".dvc", "dvc.yaml", ".dvcignore"):
         src = REPO / name
         if src.is_dir():
@@ -33,7 +37,7 @@ def _fresh_project(tmp_path: Path) -> Path:
         else:
             shutil.copy(src, project / name)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in {**TINY_BUILTIN, **TINY_TRAINING}.items():
+    for dotted, value in {**TINY_BUILTIN, **TINY_TRAINING, **(overrides or {})}.items():
         set_dotted(raw, dotted, value)
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(["git", "init", "-q"], project)
@@ -42,29 +46,36 @@ def _fresh_project(tmp_path: Path) -> Path:
     return project
 
 
-def test_dvc_repro_runs_the_pipeline_then_is_a_no_op(tmp_path):
+def _ran(output: str) -> set[str]:
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
+
+
+def test_dvc_repro_runs_the_pipeline_is_a_no_op_again_and_lambda_reruns_only_its_stages(tmp_path):
     project = _fresh_project(tmp_path)
-    _run([str(BIN / "dvc"), "repro"], project)
+    first = _run([str(BIN / "dvc"), "repro"], project)
+    assert _ran(first) == set(STAGES)
     manifest = project / "data" / "prepared" / "target" / "manifest.parquet"
     assert manifest.is_file() and (project / "dvc.lock").is_file()
-    for stage in ("source", "oracle"):
+    for stage in ("source", "oracle", "inter", "intra"):
         assert (project / "models" / stage / "model.pt").is_file()
+    summary = json.loads((project / "metrics" / "summary.json").read_text())
+    assert list(summary) == ["source", "inter", "intra", "oracle"]
     shown = _run([str(BIN / "dvc"), "metrics", "show"], project)
-    assert "metrics/source.json" in shown and "test.miou" in shown
+    assert "metrics/source.json" in shown and "test.miou" in shown and "metrics/summary.json" in shown
+
     stamp = manifest.stat().st_mtime_ns
     second = _run([str(BIN / "dvc"), "repro"], project)
-    assert "didn't change" in second or "up to date" in second
+    assert _ran(second) == set()
     assert manifest.stat().st_mtime_ns == stamp
-    status = _run([str(BIN / "dvc"), "status"], project)
-    assert "up to date" in status
+    assert "up to date" in _run([str(BIN / "dvc"), "status"], project)
 
-
-def test_changing_a_prepare_param_reruns_the_stage(tmp_path):
-    project = _fresh_project(tmp_path)
-    _run([str(BIN / "dvc"), "repro", "prepare"], project)
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    raw["prepare"]["builtin"]["seed"] = 1
-    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert "prepare" in _run([str(BIN / "dvc"), "status", "prepare"], project)
-    out = _run([str(BIN / "dvc"), "repro", "prepare"], project)
-    assert "Running stage 'prepare'" in out
+    before = json.loads((project / "metrics" / "rank.json").read_text())
+    assert (before["easy"], before["hard"]) == (3, 3)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "ran"], project)
+    out = _run([str(BIN / "dvc"), "exp", "run", "-S", "rank.lambda=0.34"], project)
+    assert _ran(out) == {"rank", "intra", "evaluate"}
+    after = json.loads((project / "metrics" / "rank.json").read_text())
+    assert (after["easy"], after["hard"]) == (2, 4)
+    table = _run([str(BIN / "dvc"), "exp", "show", "--no-pager", "--csv"], project)
+    assert "rank.lambda" in table and "0.34" in table

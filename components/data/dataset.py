@@ -65,14 +65,23 @@ class PreparedSplit(Dataset):
 
     Index with an int for the plain sample, or with `(index, seed)` for a randomly cropped and
     flipped one whose randomness comes only from `seed` (so any worker reproduces it).
+
+    `ids` keeps only those samples, in that order; `label_paths` (sample id -> absolute path)
+    replaces their labels, e.g. with pseudo-labels.
     """
 
     def __init__(self, prepared_dir: str | Path, split: str, need_labels: bool = True,
                  cache: bool = False, crop: tuple[int, int] | None = None, flip: bool = False,
-                 per_image_norm: bool = False):
+                 per_image_norm: bool = False, ids: list[str] | None = None,
+                 label_paths: dict[str, Path] | None = None):
         self.root = Path(prepared_dir)
         table = read_manifest(self.root)
         rows = [r for r in table.to_pylist() if r["split"] == split]
+        if ids is not None:
+            rows = _select(rows, ids, f"{self.root}: split '{split}'")
+        if label_paths is not None:
+            rows = [{**r, "label": str(label_paths[r["sample_id"]])} if r["sample_id"] in label_paths
+                    else r for r in rows]
         if not rows:
             raise ManifestError(f"{self.root}: split '{split}' is empty")
         if need_labels and any(r["label"] is None for r in rows):
@@ -103,6 +112,15 @@ class PreparedSplit(Dataset):
                                             np.random.default_rng(seed))
         target = torch.from_numpy(label.astype(np.int64)) if label is not None else torch.empty(0)
         return to_tensor(image, self.per_image_norm), target
+
+
+def _select(rows: list[dict], ids: list[str], where: str) -> list[dict]:
+    by_id = {r["sample_id"]: r for r in rows}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ManifestError(f"{where} has no sample(s) {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                            f"({len(missing)} of {len(ids)} asked for)")
+    return [by_id[i] for i in ids]
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):

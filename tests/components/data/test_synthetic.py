@@ -94,7 +94,7 @@ def test_conditions_are_graded_on_the_same_scene():
     overcast, _ = render("target", 7, "overcast")
     scene = label != IGNORE_INDEX   # leave out the ego hood, which fog does not reach
     assert night.mean() < 0.4 * clear.mean()
-    assert fog[scene].std() < 0.6 * clear[scene].std()
+    assert fog[scene].std() < 0.75 * clear[scene].std()
     saturation = lambda img: (img.max(2).astype(int) - img.min(2)).mean()
     assert saturation(overcast) < saturation(clear)
 
