@@ -234,6 +234,13 @@ class EvaluateConfig(_Strict):
     out: str                            # the summary JSON (a DVC metric)
 
 
+class SeedsConfig(_Strict):
+    """`segshift seeds`: the training stages repeated over seeds (mean ± std)."""
+
+    values: list[int] = Field(min_length=1)
+    out_dir: str                        # <out_dir>/seed-<n>/... and seeds.json / seeds.md
+
+
 class PathsConfig(_Strict):
     """Where stages write; relative paths are relative to the project directory."""
 
@@ -275,6 +282,7 @@ class Params(_Strict):
     rank: RankConfig
     intra: AdaptationStageConfig
     evaluate: EvaluateConfig
+    seeds: SeedsConfig
     paths: PathsConfig
     ray: RayConfig
     tracking: TrackingConfig

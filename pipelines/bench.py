@@ -136,6 +136,50 @@ def train_cases(on_gpu: bool) -> list[tuple[str, dict, str, bool]]:
     return cases
 
 
+def bench_rank(params_path: str, concurrency: list[int]) -> list[dict]:
+    """Ranking throughput (images/s, actor start-up included) of the Ray Data job per pool size.
+
+    Needs the prepared data and models/inter/model.pt of the project (run `dvc repro rank` first).
+    """
+    from segshift.components.config import load_params
+    from segshift.pipelines.rank import check_inputs, run_inference
+    results = []
+    for actors in concurrency:
+        params = load_params(params_path, {"rank.concurrency": actors})
+        inputs = check_inputs(params, Path.cwd())
+        with tempfile.TemporaryDirectory(prefix="segshift-bench-rank-") as staging:
+            start = time.perf_counter()
+            run_inference(params, inputs, Path(staging), progress=False)
+            seconds = time.perf_counter() - start
+        results.append({"benchmark": "rank", "actors": actors, "images": len(inputs.rows),
+                        "batch_size": params.rank.batch_size, "seconds": round(seconds, 2),
+                        "images_per_s": round(len(inputs.rows) / seconds, 1)})
+    return results
+
+
+def bench_stages(params_path: str) -> list[dict]:
+    """Wall time of each stage of the latest pipeline run, from its MLflow runs."""
+    from mlflow.tracking import MlflowClient
+
+    from segshift.components.config import load_params
+    from segshift.pipelines.tracking import TAG_PARENT, TAG_STAGE, resolve_tracking_uri
+    params = load_params(params_path)
+    client = MlflowClient(resolve_tracking_uri(params.tracking, Path.cwd()))
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=200)
+    latest: dict[str, object] = {}
+    for run in runs:
+        stage = run.data.tags.get(TAG_STAGE)
+        if stage and stage not in latest and run.data.tags.get(TAG_PARENT):
+            latest[stage] = run
+    return [{"benchmark": "stage_wall_time", "stage": stage,
+             "seconds": round((run.info.end_time - run.info.start_time) / 1000, 1)}
+            for stage, run in sorted(latest.items(), key=lambda kv: kv[1].info.start_time)]
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
     results = {"machine": machine_description(), "results": []}
@@ -147,17 +191,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what in ("train", "all"):
         for name, case, amp, channels_last in train_cases(torch.cuda.is_available()):
             results["results"].append(bench_train(name, case, amp, channels_last, args.train_steps))
+    if args.what == "rank":
+        results["results"] += bench_rank(args.params, args.actors)
+    if args.what == "stages":
+        results["results"] += bench_stages(args.params)
     print(json.dumps(results, indent=2))
     return 0
 
 
 def build_bench_parser(sub) -> None:
     parser = sub.add_parser("bench", help="measure throughput (see BENCHMARKS.md)")
-    parser.add_argument("what", choices=["generate", "ingest", "train", "all"], nargs="?", default="all")
+    parser.add_argument("what", choices=["generate", "ingest", "train", "rank", "stages", "all"], nargs="?",
+                        default="all", help="all = generate, ingest, train; rank and stages read the "
+                        "project's pipeline outputs (run `dvc repro` first)")
     parser.add_argument("--count", type=int, default=400, help="generated images per run")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--ingest-count", type=int, default=48, help="GTA5 frames per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per case")
+    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="rank: actor pool sizes")
+    parser.add_argument("--params", default="params.yaml", help="rank, stages: the project's params")
     parser.set_defaults(func=_cmd_bench)
