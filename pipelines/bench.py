@@ -158,26 +158,30 @@ def bench_rank(params_path: str, concurrency: list[int]) -> list[dict]:
 
 
 def bench_stages(params_path: str) -> list[dict]:
-    """Wall time of each stage of the latest pipeline run, from its MLflow runs."""
+    """Wall time of each stage of the latest pipeline run, from its MLflow runs (stage command
+    start-up, a few seconds each, is not included)."""
     from mlflow.tracking import MlflowClient
 
     from segshift.components.config import load_params
-    from segshift.pipelines.tracking import TAG_PARENT, TAG_STAGE, resolve_tracking_uri
+    from segshift.pipelines.tracking import TAG_PARENT, TAG_ROLE, TAG_STAGE, resolve_tracking_uri
     params = load_params(params_path)
     client = MlflowClient(resolve_tracking_uri(params.tracking, Path.cwd()))
     experiment = client.get_experiment_by_name(params.tracking.experiment)
-    if experiment is None:
+    latest = client.search_runs([experiment.experiment_id],
+                                f"attributes.status = 'FINISHED' and tags.`{TAG_ROLE}` = 'stage'",
+                                order_by=["attributes.end_time DESC"], max_results=1) if experiment else []
+    if not latest or TAG_PARENT not in latest[0].data.tags:
         return []
-    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=200)
-    latest: dict[str, object] = {}
-    for run in runs:
-        stage = run.data.tags.get(TAG_STAGE)
-        if stage and stage not in latest and run.data.tags.get(TAG_PARENT):
-            latest[stage] = run
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`{TAG_PARENT}` = '{latest[0].data.tags[TAG_PARENT]}' "
+                                  "and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"])
+    stages: dict[str, object] = {}
+    for run in children:
+        stages.setdefault(run.data.tags.get(TAG_STAGE, run.info.run_name), run)
     return [{"benchmark": "stage_wall_time", "stage": stage,
              "seconds": round((run.info.end_time - run.info.start_time) / 1000, 1)}
-            for stage, run in sorted(latest.items(), key=lambda kv: kv[1].info.start_time)]
+            for stage, run in sorted(stages.items(), key=lambda kv: kv[1].info.start_time)]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

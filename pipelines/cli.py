@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.profile import build_profile_parser
     from segshift.pipelines.rank import build_rank_parser
     from segshift.pipelines.evaluate import build_evaluate_parser
+    from segshift.pipelines.preset import build_preset_parser
+    from segshift.pipelines.seeds import build_seeds_parser
 
     parser = argparse.ArgumentParser(
         prog="segshift", description="Domain-adaptive semantic segmentation pipelines.")
@@ -63,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     build_train_parser(sub, _add_params)
     build_rank_parser(sub, _add_params)
     build_evaluate_parser(sub, _add_params)
+    build_seeds_parser(sub, _add_params)
     build_ingest_parser(sub)
     build_calibrate_parser(sub, _add_params)
     build_preview_parser(sub, _add_params)
     build_bench_parser(sub)
     build_profile_parser(sub, _add_params)
+    build_preset_parser(sub)
     return parser
 
 
