@@ -64,3 +64,9 @@ def encode_png(array, rgb: bool, compression: int) -> bytes:
 def write_png(path: str | Path, array, compression: int = 3) -> Path:
     """Atomically write an RGB image (H, W, 3) or a label/grey map (H, W) as PNG."""
     return atomic_write_bytes(path, encode_png(array, rgb=array.ndim == 3, compression=compression))
+
+
+def resolve_under(root: str | Path, path: str | Path) -> Path:
+    """`path` if absolute, else `root / path`: how every params path relative to the project resolves."""
+    path = Path(path)
+    return path if path.is_absolute() else Path(root) / path

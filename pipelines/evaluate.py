@@ -31,7 +31,7 @@ from segshift.components.config import Params, load_params
 from segshift.components.data.dataset import PreparedSplit
 from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.evaluation import GroupedEvaluation, evaluate_by_group
-from segshift.components.io import atomic_write_text, write_png
+from segshift.components.io import atomic_write_text, resolve_under, write_png
 from segshift.components.visualize import grouped_bar_picture, iou_bar_picture
 from segshift.pipelines.train import StageInputError, load_stage_model
 
@@ -44,19 +44,14 @@ class EvaluateInputError(StageInputError):
 
 # -- inputs ---------------------------------------------------------------------------------------
 
-def _resolve(project_dir: Path, relative: str) -> Path:
-    path = Path(relative)
-    return path if path.is_absolute() else Path(project_dir) / path
-
-
 def model_path(params: Params, stage: str, project_dir: Path) -> Path:
-    return _resolve(project_dir, params.paths.models) / stage / "model.pt"
+    return resolve_under(project_dir, params.paths.models) / stage / "model.pt"
 
 
 def check_inputs(params: Params, project_dir: Path) -> dict[str, Path]:
     """The model file of every listed stage; EvaluateInputError naming each missing input."""
     problems = []
-    target = _resolve(project_dir, params.prepare.out_dir) / "target"
+    target = resolve_under(project_dir, params.prepare.out_dir) / "target"
     if not (target / MANIFEST_NAME).is_file():
         problems.append(f"{target / MANIFEST_NAME}: missing; run `dvc repro prepare` "
                         f"(or `segshift prepare`) first")
@@ -200,11 +195,11 @@ def tracked_metrics(summary: dict[str, dict]) -> dict[str, float]:
 
 def write_outputs(params: Params, project_dir: Path, summary: dict[str, dict]) -> dict[str, Path]:
     """summary.json, summary_per_class.json, summary.md and the pictures; returns their paths."""
-    reports = _resolve(project_dir, params.paths.reports) / STAGE
+    reports = resolve_under(project_dir, params.paths.reports) / STAGE
     reports.mkdir(parents=True, exist_ok=True)
-    metrics_dir = _resolve(project_dir, params.paths.metrics)
+    metrics_dir = resolve_under(project_dir, params.paths.metrics)
     files = {
-        "summary": atomic_write_text(_resolve(project_dir, params.evaluate.out), dumps(summary)),
+        "summary": atomic_write_text(resolve_under(project_dir, params.evaluate.out), dumps(summary)),
         "per_class": atomic_write_text(metrics_dir / "summary_per_class.json",
                                        dumps(summary_per_class_rows(summary))),
         "markdown": atomic_write_text(reports / "summary.md", summary_markdown(summary)),
@@ -234,7 +229,7 @@ def evaluate_stages(params: Params, project_dir: Path, progress: bool = True) ->
     from segshift.pipelines.tracking import StageTracker
     project_dir = Path(project_dir).resolve()
     paths = check_inputs(params, project_dir)
-    test = PreparedSplit(_resolve(project_dir, params.prepare.out_dir) / "target", "test",
+    test = PreparedSplit(resolve_under(project_dir, params.prepare.out_dir) / "target", "test",
                          cache=params.engine.cache_images)
     # Load every model first: a wrong architecture fails before any evaluation.
     models = {stage: load_stage_model(path, params) for stage, path in paths.items()}

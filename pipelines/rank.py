@@ -35,7 +35,8 @@ from segshift.components.data.dataset import read_rgb, to_tensor
 from segshift.components.data.labels import NUM_CLASSES
 from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.synthetic import CONDITIONS, HARD_CONDITIONS
-from segshift.components.io import atomic_directory, atomic_write_bytes, atomic_write_text, write_png
+from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text,
+                                   resolve_under, write_png)
 from segshift.components.losses import normalised_entropy
 from segshift.components.ranking import (EASY, HARD, RANKING_NAME, RankingError, auroc,
                                          build_ranking_table, file_sha256, predict_probs,
@@ -61,20 +62,15 @@ class RankInputs:
     hard: int
 
 
-def _path(project_dir: Path, relative: str) -> Path:
-    path = Path(relative)
-    return path if path.is_absolute() else project_dir / path
-
-
 def check_inputs(params: Params, project_dir: str | Path) -> RankInputs:
     """Fail fast, before any inference, on inputs the ranking cannot use."""
     project_dir = Path(project_dir).resolve()
-    target = _path(project_dir, params.prepare.out_dir) / "target"
+    target = resolve_under(project_dir, params.prepare.out_dir) / "target"
     manifest = target / MANIFEST_NAME
     if not manifest.is_file():
         raise RankingError(f"{manifest}: no prepared target dataset; run `segshift prepare` "
                            "(dvc repro prepare) first")
-    model = _path(project_dir, params.paths.models) / MODEL_STAGE / "model.pt"
+    model = resolve_under(project_dir, params.paths.models) / MODEL_STAGE / "model.pt"
     if not model.is_file():
         raise RankingError(f"{model}: no inter-domain model; run `segshift train --stage inter` "
                            "(dvc repro inter) first")
@@ -87,7 +83,7 @@ def check_inputs(params: Params, project_dir: str | Path) -> RankInputs:
         raise RankingError("engine.device is 'cuda' but rank.gpus_per_actor = 0: the ranking actors "
                            "would see no GPU; set rank.gpus_per_actor (e.g. 1) or engine.device auto")
     return RankInputs(project_dir=project_dir, target_dir=target, manifest=manifest, model=model,
-                      out_dir=_path(project_dir, params.rank.out_dir), rows=rows, easy=easy, hard=hard)
+                      out_dir=resolve_under(project_dir, params.rank.out_dir), rows=rows, easy=easy, hard=hard)
 
 
 # -- the Ray Data job -----------------------------------------------------------------------------
@@ -336,9 +332,9 @@ def rank_stage(params: Params, project_dir: str | Path, progress: bool = True) -
                     (staging / pseudo_label_name(sid)).unlink()
             write_ranking(table, staging)
         metrics = ranking_metrics(table, records, params, time.perf_counter() - start)
-        metrics_path = atomic_write_text(_path(inputs.project_dir, params.paths.metrics) / "rank.json",
+        metrics_path = atomic_write_text(resolve_under(inputs.project_dir, params.paths.metrics) / "rank.json",
                                          json.dumps(metrics, indent=2))
-        reports = _path(inputs.project_dir, params.paths.reports) / STAGE
+        reports = resolve_under(inputs.project_dir, params.paths.reports) / STAGE
         pictures = [atomic_write_bytes(reports / HISTOGRAM_NAME, histogram_picture(table, metrics)),
                     write_png(reports / EXAMPLES_NAME, examples_picture(params, inputs, table))]
         tracker.set_tags({"segshift.model_sha256": model_sha, "segshift.manifest_sha256": manifest_sha})

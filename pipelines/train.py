@@ -33,7 +33,7 @@ from segshift.components.data.manifest import MANIFEST_NAME, ManifestError
 from segshift.components.engine.checkpoint import load_checkpoint, save_checkpoint
 from segshift.components.engine.loop import Runtime, Trainer, resolve_device
 from segshift.components.evaluation import evaluate, validation_metrics
-from segshift.components.io import atomic_write_text
+from segshift.components.io import atomic_write_text, resolve_under
 from segshift.components.methods.advent import OutputSpaceAdaptation
 from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model, check_checkpoint_compatible
@@ -74,8 +74,7 @@ class StageJob:
         return Params.model_validate(self.params)
 
     def path(self, relative: str) -> Path:
-        path = Path(relative)
-        return path if path.is_absolute() else Path(self.project_dir) / path
+        return resolve_under(self.project_dir, relative)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
