@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -70,3 +73,19 @@ def resolve_under(root: str | Path, path: str | Path) -> Path:
     """`path` if absolute, else `root / path`: how every params path relative to the project resolves."""
     path = Path(path)
     return path if path.is_absolute() else Path(root) / path
+
+
+def finite_or_none(value: Any) -> Any:
+    """NaN and infinities as None (JSON has no NaN), through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def strict_json(obj: Any) -> str:
+    """Indented JSON with every NaN/inf written as null (valid for any JSON reader)."""
+    return json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n"

@@ -19,7 +19,6 @@ before anything is evaluated.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from segshift.components.config import Params, load_params
 from segshift.components.data.dataset import PreparedSplit
 from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.evaluation import GroupedEvaluation, evaluate_by_group
-from segshift.components.io import atomic_write_text, resolve_under, write_png
+from segshift.components.io import (atomic_write_text, finite_or_none, resolve_under,
+                                   strict_json, write_png)
 from segshift.components.visualize import grouped_bar_picture, iou_bar_picture
 from segshift.pipelines.train import StageInputError, load_stage_model
 
@@ -77,17 +77,6 @@ def condition_order(params: Params, conditions: list[str | None]) -> list[str]:
 
 # -- the summary ----------------------------------------------------------------------------------
 
-def _finite(value: Any) -> Any:
-    """A float, or None for NaN/inf (JSON has no NaN); containers converted recursively."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def gap_closed(miou: float | None, source: float | None, oracle: float | None) -> float | None:
     """(miou - source) / (oracle - source): 0 = no better than source-only, 1 = as good as the
     oracle (target labels). None when any value is missing or the gap is zero."""
@@ -113,7 +102,7 @@ def stage_entry(result: GroupedEvaluation, conditions: list[str]) -> dict:
     entry["per_class_iou"] = total["per_class_iou"]
     if conditions:
         entry["per_condition_miou"] = {c: result.groups[c].summary()["miou"] for c in conditions}
-    return _finite(entry)
+    return finite_or_none(entry)
 
 
 def build_summary(results: dict[str, GroupedEvaluation], conditions: list[str]) -> dict[str, dict]:
@@ -125,11 +114,6 @@ def summary_per_class_rows(summary: dict[str, dict]) -> list[dict]:
     """[{class, stage, iou (%)}] over all stages (null for an absent class), for `dvc plots`."""
     return [{"class": name, "stage": stage, "iou": None if v is None else round(100 * v, 2)}
             for stage, entry in summary.items() for name, v in entry["per_class_iou"].items()]
-
-
-def dumps(obj: Any) -> str:
-    """Strict JSON (NaN refused): values must already be finite or None."""
-    return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
 
 
 # -- Markdown -------------------------------------------------------------------------------------
@@ -199,9 +183,9 @@ def write_outputs(params: Params, project_dir: Path, summary: dict[str, dict]) -
     reports.mkdir(parents=True, exist_ok=True)
     metrics_dir = resolve_under(project_dir, params.paths.metrics)
     files = {
-        "summary": atomic_write_text(resolve_under(project_dir, params.evaluate.out), dumps(summary)),
+        "summary": atomic_write_text(resolve_under(project_dir, params.evaluate.out), strict_json(summary)),
         "per_class": atomic_write_text(metrics_dir / "summary_per_class.json",
-                                       dumps(summary_per_class_rows(summary))),
+                                       strict_json(summary_per_class_rows(summary))),
         "markdown": atomic_write_text(reports / "summary.md", summary_markdown(summary)),
     }
     nan = float("nan")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from segshift.components.data.labels import NUM_CLASSES
 from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.synthetic import CONDITIONS, HARD_CONDITIONS
 from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text,
-                                   resolve_under, write_png)
+                                   finite_or_none, resolve_under, strict_json, write_png)
 from segshift.components.losses import normalised_entropy
 from segshift.components.ranking import (EASY, HARD, RANKING_NAME, RankingError, auroc,
                                          build_ranking_table, file_sha256, predict_probs,
@@ -189,10 +188,6 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def _finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value
-
-
 def ranking_metrics(table, records: list[dict], params: Params, seconds: float) -> dict:
     """rank.json: counts, scores per split and, when conditions are known (built-in data), how
     well the ranking finds the hard conditions."""
@@ -224,7 +219,7 @@ def ranking_metrics(table, records: list[dict], params: Params, seconds: float) 
             "hard_conditions": list(HARD_CONDITIONS),
             # The ranking key (score_normalised; = score without normalisation) as a detector of
             # hard-condition images: 1 = all of them rank after every other image.
-            "auroc_hard_conditions": _finite(auroc(key, hard_condition)),
+            "auroc_hard_conditions": finite_or_none(auroc(key, hard_condition)),
             "hard_condition_share_all": float(hard_condition.mean()),
             "hard_condition_share_hard_split": float(hard_condition[hard].mean()),
             "hard_condition_share_easy_split": float(hard_condition[easy].mean()),
@@ -333,7 +328,7 @@ def rank_stage(params: Params, project_dir: str | Path, progress: bool = True) -
             write_ranking(table, staging)
         metrics = ranking_metrics(table, records, params, time.perf_counter() - start)
         metrics_path = atomic_write_text(resolve_under(inputs.project_dir, params.paths.metrics) / "rank.json",
-                                         json.dumps(metrics, indent=2))
+                                         strict_json(metrics))
         reports = resolve_under(inputs.project_dir, params.paths.reports) / STAGE
         pictures = [atomic_write_bytes(reports / HISTOGRAM_NAME, histogram_picture(table, metrics)),
                     write_png(reports / EXAMPLES_NAME, examples_picture(params, inputs, table))]

@@ -47,3 +47,12 @@ def test_write_png_round_trips_rgb_and_labels_and_is_deterministic(tmp_path):
     assert np.array_equal(cv2.cvtColor(cv2.imread(str(tmp_path / "a.png")), cv2.COLOR_BGR2RGB), rgb)
     assert np.array_equal(cv2.imread(str(tmp_path / "l.png"), cv2.IMREAD_UNCHANGED), label)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "l.png"]
+
+
+def test_strict_json_writes_nan_and_inf_as_null_at_any_depth():
+    import json
+    import math
+
+    from segshift.components.io import strict_json
+    text = strict_json({"a": math.nan, "b": [1.0, math.inf, (2, -math.inf)], "c": {"d": 0.5}})
+    assert json.loads(text) == {"a": None, "b": [1.0, None, [2, None]], "c": {"d": 0.5}}

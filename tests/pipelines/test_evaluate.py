@@ -16,8 +16,9 @@ from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.engine.checkpoint import save_checkpoint
 from segshift.components.evaluation import evaluate, evaluate_by_group
 from segshift.components.models.factory import build_model
+from segshift.components.io import strict_json
 from segshift.pipelines.cli import main
-from segshift.pipelines.evaluate import (add_gap_closed, build_summary, dumps, gap_closed,
+from segshift.pipelines.evaluate import (add_gap_closed, build_summary, gap_closed,
                                          summary_markdown, summary_per_class_rows)
 from segshift.pipelines.train import load_stage_model
 from tests.conftest import write_params
@@ -195,7 +196,7 @@ def test_gap_closed_on_constructed_summaries():
 def test_nan_becomes_null_and_markdown_shows_a_dash():
     summary = {"source": entry(0.2), "oracle": entry(0.6, per_condition_miou={"clear": 0.7, "night": float("nan")})}
     summary["oracle"]["per_class_iou"]["wall"] = float("nan")
-    text = dumps(add_gap_closed(summary))
+    text = strict_json(add_gap_closed(summary))
     parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert parsed["oracle"]["per_class_iou"]["wall"] is None
     assert parsed["oracle"]["per_condition_miou"] == {"clear": 0.7, "night": None}
@@ -229,4 +230,4 @@ def test_build_summary_leaves_out_conditions_on_real_data():
     assert summary["source"]["gap_closed"] is None  # no gap between equal results
     assert summary["source"]["per_class_iou"]["wall"] is None
     assert summary["source"]["per_class_iou"]["sidewalk"] == 0.0
-    json.loads(dumps(summary), parse_constant=lambda c: pytest.fail(c))
+    json.loads(strict_json(summary), parse_constant=lambda c: pytest.fail(c))
