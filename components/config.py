@@ -217,6 +217,9 @@ class RankConfig(_Strict):
     entropy_normalisation: bool
     # Easy-split pseudo-label pixels whose max softmax is below this become ignore (255); null = none.
     confidence_threshold: float | None = Field(ge=0, lt=1)
+    # Class-balanced selection (CBST): per predicted class, keep the most confident share p of the
+    # easy split's pixels, the rest -> ignore (255); null = keep all.
+    class_balanced_share: float | None = Field(gt=0, le=1)
     batch_size: int = Field(ge=1)       # images per inference batch
     concurrency: int = Field(ge=1)      # Ray Data inference actors
     cpus_per_actor: float = Field(gt=0)

@@ -35,6 +35,7 @@ from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES, RARE_CLAS
 from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.io import atomic_write_bytes
 from segshift.components.losses import normalised_entropy, upsample
+from segshift.components.pseudo_labels import quantise_confidence
 
 RANKING_NAME = "ranking.parquet"
 PSEUDO_LABEL_DIR = "pseudo_labels"
@@ -59,7 +60,9 @@ META_MODEL = "segshift.model_sha256"
 META_LAMBDA = "segshift.lambda"
 META_NORMALISATION = "segshift.entropy_normalisation"
 META_THRESHOLD = "segshift.confidence_threshold"
-META_KEYS = (META_MANIFEST, META_MODEL, META_LAMBDA, META_NORMALISATION, META_THRESHOLD)
+META_CLASS_BALANCED = "segshift.class_balanced_share"
+META_KEYS = (META_MANIFEST, META_MODEL, META_LAMBDA, META_NORMALISATION, META_THRESHOLD,
+             META_CLASS_BALANCED)
 
 
 class RankingError(ValueError):
@@ -200,6 +203,7 @@ class BatchScores:
     class_histogram: np.ndarray    # (N, NUM_CLASSES) float32 share of pixels per predicted class
     ignored_share: np.ndarray      # (N,) float64 share of pseudo-label pixels set to 255
     pseudo_labels: np.ndarray      # (N, H, W) uint8
+    confidence_q: np.ndarray       # (N, H, W) uint8 max softmax, quantised (pseudo_labels.py)
     entropy: np.ndarray | None = None      # (N, H, W) float32, when asked for (pictures)
 
 
@@ -231,6 +235,7 @@ def score_images(model: torch.nn.Module, images: torch.Tensor, threshold: float 
         class_histogram=hist.float().cpu().numpy(),
         ignored_share=(labels == IGNORE_INDEX).reshape(n, -1).mean(1).astype(np.float64),
         pseudo_labels=labels,
+        confidence_q=quantise_confidence(confidence.cpu().numpy()),
         entropy=None if entropy is None else entropy.cpu().numpy(),
     )
 
@@ -251,7 +256,8 @@ def pseudo_label_name(sample_id: str) -> str:
 
 
 def build_ranking_table(records: Sequence[Mapping[str, Any]], lam: float, normalise: bool,
-                        threshold: float | None, manifest_sha256: str, model_sha256: str) -> pa.Table:
+                        threshold: float | None, manifest_sha256: str, model_sha256: str,
+                        class_balanced_share: float | None = None) -> pa.Table:
     """The ranking of per-image `records` (sample_id, score, normaliser, mean_confidence,
     class_histogram, condition), in rank order with the provenance metadata.
 
@@ -280,7 +286,8 @@ def build_ranking_table(records: Sequence[Mapping[str, Any]], lam: float, normal
             "condition": r.get("condition"),
         })
     metadata = {META_MANIFEST: manifest_sha256, META_MODEL: model_sha256, META_LAMBDA: lam,
-                META_NORMALISATION: normalise, META_THRESHOLD: threshold}
+                META_NORMALISATION: normalise, META_THRESHOLD: threshold,
+                META_CLASS_BALANCED: class_balanced_share}
     schema = RANKING_SCHEMA.with_metadata({k: json.dumps(v) for k, v in metadata.items()})
     return pa.Table.from_pylist(rows, schema=schema)
 
@@ -294,7 +301,7 @@ def write_ranking(table: pa.Table, out_dir: str | Path) -> Path:
 
 def ranking_metadata(table: pa.Table) -> dict[str, Any]:
     """The provenance metadata of a ranking table, decoded: manifest_sha256, model_sha256, lambda,
-    entropy_normalisation, confidence_threshold."""
+    entropy_normalisation, confidence_threshold, class_balanced_share."""
     raw = table.schema.metadata or {}
     return {key.split(".", 1)[1]: json.loads(raw[key.encode()]) for key in META_KEYS
             if key.encode() in raw}

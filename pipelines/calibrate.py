@@ -39,7 +39,7 @@ def train_quick(params: Params, train: PreparedSplit, desc: str, workdir: Path,
     trainer = Trainer(method, params.engine, stage.iterations, stage.accumulation,
                       checkpoint_path=workdir / "last.pt", best_path=workdir / "best.pt",
                       fingerprint=f"calibrate-{desc}", runtime=runtime, progress=progress, desc=desc)
-    trainer.fit(batch_source(train, stage.batch_size, stage.iterations * stage.accumulation,
+    trainer.fit(batch_source({"labelled": train}, stage.batch_size, stage.iterations * stage.accumulation,
                              cal.seed, runtime, params.engine.loader_workers))
     return method.segmenter
 

@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,15 @@ import numpy as np
 import torch
 
 from segshift.components.config import Params, load_params
-from segshift.components.data.dataset import read_rgb, to_tensor
-from segshift.components.data.labels import NUM_CLASSES
+from segshift.components.data.dataset import read_label, read_rgb, to_tensor
+from segshift.components.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.synthetic import CONDITIONS, HARD_CONDITIONS
 from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text,
                                    finite_or_none, resolve_under, strict_json, write_png)
 from segshift.components.losses import normalised_entropy
+from segshift.components.pseudo_labels import (LEVELS, apply_class_thresholds,
+                                               class_balanced_thresholds, class_confidence_histogram)
 from segshift.components.ranking import (EASY, HARD, RANKING_NAME, RankingError, auroc,
                                          build_ranking_table, file_sha256, predict_probs,
                                          pseudo_label_name, score_images, split_counts,
@@ -44,6 +47,7 @@ from segshift.components.ranking import (EASY, HARD, RANKING_NAME, RankingError,
 
 STAGE = "rank"
 MODEL_STAGE = "inter"          # the ranking uses the inter-domain model
+CONFIDENCE_DIR = "confidence"   # staging only: quantised confidence maps for class balancing
 REPORT_EXAMPLES = 4            # easiest and hardest images shown in the report picture
 HISTOGRAM_NAME = "score_histogram.png"
 EXAMPLES_NAME = "easy_hard_examples.png"
@@ -91,13 +95,14 @@ class ScoreActor:
     """A Ray Data actor: loads the model once, scores batches, writes pseudo-labels to staging."""
 
     def __init__(self, params: dict, model_path: str, target_dir: str, staging_dir: str,
-                 threshold: float | None):
+                 threshold: float | None, class_balanced: bool):
         from segshift.components.engine.loop import resolve_device
         from segshift.pipelines.train import load_stage_model
         config = Params.model_validate(params)
         self.device = resolve_device(config.engine.device)
         self.model = load_stage_model(Path(model_path), config).to(self.device).eval()
         self.target, self.staging, self.threshold = Path(target_dir), Path(staging_dir), threshold
+        self.class_balanced = class_balanced
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(s) for s in batch["sample_id"]]
@@ -106,6 +111,8 @@ class ScoreActor:
         out = {"score": np.zeros(n), "normaliser": np.zeros(n), "rare_present": np.zeros(n, np.int32),
                "mean_confidence": np.zeros(n), "ignored_share": np.zeros(n),
                "class_histogram": np.zeros((n, NUM_CLASSES), np.float32)}
+        if self.class_balanced:
+            out["confidence_histogram"] = np.zeros((n, NUM_CLASSES, LEVELS), np.int32)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):           # one forward pass per image size
             groups.setdefault(image.shape[:2], []).append(i)
@@ -114,7 +121,11 @@ class ScoreActor:
             scores = score_images(self.model, x, self.threshold)
             for j, i in enumerate(index):
                 write_png(self.staging / pseudo_label_name(ids[i]), scores.pseudo_labels[j])
-                for key in out:
+                if self.class_balanced:
+                    write_png(self.staging / confidence_name(ids[i]), scores.confidence_q[j])
+                    out["confidence_histogram"][i] = class_confidence_histogram(
+                        scores.pseudo_labels[j], scores.confidence_q[j])
+                for key in out.keys() - {"confidence_histogram"}:
                     out[key][i] = getattr(scores, key)[j]
         return {"sample_id": np.array(ids, dtype=object), **out}
 
@@ -162,7 +173,8 @@ def run_inference(params: Params, inputs: RankInputs, staging: Path, progress: b
             fn_constructor_kwargs={"params": params.model_dump(mode="json"),
                                    "model_path": str(inputs.model),
                                    "target_dir": str(inputs.target_dir),
-                                   "staging_dir": str(staging), "threshold": cfg.confidence_threshold},
+                                   "staging_dir": str(staging), "threshold": cfg.confidence_threshold,
+                                   "class_balanced": cfg.class_balanced_share is not None},
             **resources)
         results = dataset.take_all()
     finally:
@@ -174,12 +186,39 @@ def run_inference(params: Params, inputs: RankInputs, staging: Path, progress: b
                 "mean_confidence": float(r["mean_confidence"]),
                 "ignored_share": float(r["ignored_share"]),
                 "class_histogram": np.asarray(r["class_histogram"], np.float32),
-                "condition": conditions.get(str(r["sample_id"]))} for r in results]
+                "condition": conditions.get(str(r["sample_id"])),
+                **({"confidence_histogram": np.asarray(r["confidence_histogram"], np.int64)}
+                   if "confidence_histogram" in r else {})} for r in results]
     scored = {r["sample_id"] for r in records}
     if len(records) != len(items) or scored != set(conditions):
         raise RankingError(f"the inference job returned {len(records)} result(s) for {len(scored)} "
                            f"image(s); expected {len(items)}")
     return records
+
+
+def confidence_name(sample_id: str) -> str:
+    """Where an actor leaves an image's quantised confidence map for class-balanced selection
+    (inside the staging directory; removed before the ranking is published)."""
+    return f"{CONFIDENCE_DIR}/{sample_id}.png"
+
+
+def select_class_balanced(records: list[dict], table, staging: Path, share: float) -> np.ndarray:
+    """CBST on the easy split: per-class thresholds from the easy images' summed confidence
+    histograms, applied to their pseudo-labels in `staging`; updates each record's
+    `ignored_share`; returns the uint8 thresholds per class."""
+    easy_ids = [sid for sid, split in zip(table["sample_id"].to_pylist(), table["split"].to_pylist())
+                if split == EASY]
+    by_id = {r["sample_id"]: r for r in records}
+    histogram = sum(by_id[sid]["confidence_histogram"] for sid in easy_ids)
+    thresholds = class_balanced_thresholds(histogram, share)
+    for sid in easy_ids:
+        path = staging / pseudo_label_name(sid)
+        label = apply_class_thresholds(read_label(path), read_label(staging / confidence_name(sid)),
+                                       thresholds)
+        write_png(path, label)
+        by_id[sid]["ignored_share"] = float((label == IGNORE_INDEX).mean())
+    shutil.rmtree(staging / CONFIDENCE_DIR)
+    return thresholds
 
 
 # -- metrics and pictures ---------------------------------------------------------------------------
@@ -203,6 +242,7 @@ def ranking_metrics(table, records: list[dict], params: Params, seconds: float) 
         "n": int(len(split)), "easy": int(easy.sum()), "hard": int(hard.sum()),
         "lambda": cfg.lambda_, "entropy_normalisation": cfg.entropy_normalisation,
         "confidence_threshold": cfg.confidence_threshold,
+        "class_balanced_share": cfg.class_balanced_share,
         "mean_score_easy": _mean(score[easy]), "mean_score_hard": _mean(score[hard]),
         "mean_score_normalised_easy": _mean(key[easy]), "mean_score_normalised_hard": _mean(key[hard]),
         "cut_score": float((key[easy].max() + key[hard].min()) / 2),
@@ -321,12 +361,19 @@ def rank_stage(params: Params, project_dir: str | Path, progress: bool = True) -
         with atomic_directory(inputs.out_dir) as staging:
             records = run_inference(params, inputs, staging, progress)
             table = build_ranking_table(records, cfg.lambda_, cfg.entropy_normalisation,
-                                        cfg.confidence_threshold, manifest_sha, model_sha)
+                                        cfg.confidence_threshold, manifest_sha, model_sha,
+                                        cfg.class_balanced_share)
             for sid, split in zip(table["sample_id"].to_pylist(), table["split"].to_pylist()):
                 if split == HARD:
                     (staging / pseudo_label_name(sid)).unlink()
+            thresholds = None
+            if cfg.class_balanced_share is not None:
+                thresholds = select_class_balanced(records, table, staging, cfg.class_balanced_share)
             write_ranking(table, staging)
         metrics = ranking_metrics(table, records, params, time.perf_counter() - start)
+        if thresholds is not None:
+            metrics["class_thresholds"] = {name: round(int(t) / (LEVELS - 1), 4)
+                                           for name, t in zip(CLASS_NAMES, thresholds)}
         metrics_path = atomic_write_text(resolve_under(inputs.project_dir, params.paths.metrics) / "rank.json",
                                          strict_json(metrics))
         reports = resolve_under(inputs.project_dir, params.paths.reports) / STAGE

@@ -169,7 +169,7 @@ def test_ranking_table_has_the_schema_rank_order_and_metadata(tmp_path):
     assert again.equals(table)
     assert ranking_metadata(again) == {"manifest_sha256": "a" * 64, "model_sha256": "b" * 64,
                                        "lambda": 0.6, "entropy_normalisation": False,
-                                       "confidence_threshold": 0.9}
+                                       "confidence_threshold": 0.9, "class_balanced_share": None}
     easy, hard = ranked_splits(again)
     assert easy + hard == again["sample_id"].to_pylist() and len(easy) == 6
     paths = pseudo_label_paths(tmp_path, again)

@@ -217,3 +217,34 @@ def test_a_re_prepared_target_makes_the_ranking_mismatch(ranked, tmp_path):
     message = str(error.value)
     assert "different prepared target" in message
     assert "2 ranked image(s) are not in target train" in message and "re-run `segshift rank`" in message
+
+
+def test_class_balanced_selection_keeps_the_most_confident_share_of_each_class(ranked, monkeypatch):
+    monkeypatch.chdir(ranked)
+    share = 0.5
+    params = load_params(params_file(ranked, {"rank.confidence_threshold": None,
+                                              "rank.class_balanced_share": share,
+                                              "rank.out_dir": "data/ranking_cb",
+                                              "paths.metrics": "metrics_cb", "paths.reports": "reports_cb"},
+                                     variant="cb"))
+    metrics = rank_module.rank_stage(params, ranked, progress=False)
+    out = ranked / "data" / "ranking_cb"
+    assert sorted(p.name for p in out.iterdir()) == ["pseudo_labels", "ranking.parquet"]  # no confidence/
+    table = read_ranking(out)
+    assert json.loads(table.schema.metadata[b"segshift.class_balanced_share"]) == share
+    model = load_stage_model(ranked / "models" / "inter" / "model.pt", params).eval()
+    raw, kept = [], []
+    for row in table.to_pylist():
+        if row["split"] != "easy":
+            continue
+        image = to_tensor(read_rgb(ranked / "prepared" / "target" / "images" / "train" / f"{row['sample_id']}.png"))
+        raw.append(pseudo_label(predict_probs(model, image[None]), None)[0])
+        kept.append(cv2.imread(str(out / row["pseudo_label"]), cv2.IMREAD_UNCHANGED))
+    raw, kept = np.stack(raw), np.stack(kept)
+    assert ((kept == raw) | (kept == 255)).all()
+    for c in np.unique(raw):
+        # per class over the whole easy split (not per image): at least the share, ties included
+        assert (kept == c).sum() >= share * (raw == c).sum() - 1, c
+    assert 0.3 < (kept == 255).mean() < 0.7
+    assert set(metrics["class_thresholds"]) >= {"road", "sky"}
+    assert metrics["pseudo_label_ignored_share"] == pytest.approx((kept == 255).mean(), abs=1e-6)
