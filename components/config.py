@@ -244,6 +244,70 @@ class SeedsConfig(_Strict):
     out_dir: str                        # <out_dir>/seed-<n>/... and seeds.json / seeds.md
 
 
+class SearchDimension(_Strict):
+    """One searched parameter: `uniform`/`loguniform` floats or `int` in [low, high], or a `choice`."""
+
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> "SearchDimension":
+        if self.type == "choice":
+            if not self.values or self.low is not None or self.high is not None:
+                raise ValueError("a choice needs a non-empty `values` list and no low/high")
+            return self
+        if self.values is not None or self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} range needs `low` and `high` (and no `values`)")
+        if not self.low < self.high:
+            raise ValueError(f"low = {self.low} must be below high = {self.high}")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"a loguniform range needs low > 0, got {self.low}")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"an int range needs whole bounds, got [{self.low}, {self.high}]")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """The values whose validity bounds the whole dimension: the ends of a range, every choice."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class SchedulerConfig(_Strict):
+    """Early stopping of trials: ASHA (asynchronous successive halving) or none (fifo)."""
+
+    name: Literal["asha", "fifo"]
+    grace_period: int = Field(ge=1)         # training steps before a trial may be stopped
+    reduction_factor: float = Field(gt=1)   # keep the top 1/factor at each rung
+
+
+class SweepConfig(_Strict):
+    """`segshift sweep`: Ray Tune + Optuna (TPE) over the ranking and intra-stage parameters.
+
+    Each trial reuses the inter model and the ranking inference (computed once per sweep): it
+    re-splits, re-selects pseudo-labels, trains the intra stage and is scored on target val.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # <out_dir>/<name>/
+    out_dir: str
+    num_samples: int = Field(ge=1)             # trials
+    max_concurrent_trials: int = Field(ge=1)
+    seed: int = Field(ge=0)                    # Optuna TPE sampler seed
+    iterations: int = Field(ge=1)              # intra training steps per trial
+    val_every: int = Field(ge=1)               # steps between validations (= Tune reports)
+    scheduler: SchedulerConfig
+    workers_per_trial: int = Field(ge=1)       # Ray Train workers of each trial
+    cpus_per_worker: float = Field(gt=0)
+    gpus_per_worker: float = Field(ge=0)
+    storage_path: str | None                   # Tune experiment storage (path or s3://); null = <out_dir>/<name>/tune
+    # dotted params key -> dimension; only rank.* and intra.* (what a trial re-runs)
+    space: dict[str, SearchDimension] = Field(min_length=1)
+
+
 class PathsConfig(_Strict):
     """Where stages write; relative paths are relative to the project directory."""
 
@@ -286,6 +350,7 @@ class Params(_Strict):
     intra: AdaptationStageConfig
     evaluate: EvaluateConfig
     seeds: SeedsConfig
+    sweep: SweepConfig
     paths: PathsConfig
     ray: RayConfig
     tracking: TrackingConfig

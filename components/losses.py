@@ -14,14 +14,22 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled pixels; 0 (with a graph) when every pixel is ignored,
+    as a pseudo-labelled batch can be after confidence selection, where torch's mean gives NaN."""
+    per_pixel = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    labelled = (labels != IGNORE_INDEX).sum()
+    return per_pixel.sum() / labelled.clamp(min=1)
+
+
 def segmentation_loss(out: SegOutput, labels: torch.Tensor, aux_weight: float) -> dict[str, torch.Tensor]:
     """Cross-entropy of the main head plus `aux_weight` x that of each auxiliary head, at label size."""
     size = labels.shape[-2:]
-    main = F.cross_entropy(upsample(out.main, size).float(), labels, ignore_index=IGNORE_INDEX)
+    main = labelled_cross_entropy(upsample(out.main, size), labels)
     losses = {"seg_main": main}
     total = main
     for k, aux_logits in enumerate(out.aux):
-        aux = F.cross_entropy(upsample(aux_logits, size).float(), labels, ignore_index=IGNORE_INDEX)
+        aux = labelled_cross_entropy(upsample(aux_logits, size), labels)
         losses[f"seg_aux{k}"] = aux
         total = total + aux_weight * aux
     losses["loss"] = total

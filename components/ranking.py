@@ -35,10 +35,13 @@ from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES, RARE_CLAS
 from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.io import atomic_write_bytes
 from segshift.components.losses import normalised_entropy, upsample
-from segshift.components.pseudo_labels import quantise_confidence
+from segshift.components.pseudo_labels import (LEVELS, apply_class_thresholds,
+                                               class_balanced_thresholds, class_confidence_histogram,
+                                               quantise_confidence)
 
 RANKING_NAME = "ranking.parquet"
 PSEUDO_LABEL_DIR = "pseudo_labels"
+CONFIDENCE_DIR = "confidence"      # raw inference output only; never part of a published ranking
 EASY, HARD = "easy", "hard"
 EXAMPLES = 5          # ids quoted in error messages
 
@@ -156,15 +159,17 @@ def split_by_lambda(scores: Sequence[float] | np.ndarray, lam: float) -> tuple[n
 
 def pseudo_label(probs: Any, threshold: float | None) -> np.ndarray:
     """Argmax train ids (uint8) of (C, H, W) or (N, C, H, W) probabilities; with a threshold,
-    pixels whose max probability is below it become IGNORE_INDEX (255)."""
+    pixels whose max probability is below it become IGNORE_INDEX (255). Confidences are compared
+    at the rank stage's 1/255 resolution (`pixel_thresholds`)."""
     probs = _as_tensor(probs)
     if probs.ndim not in (3, 4):
         raise ValueError(f"expected (C, H, W) or (N, C, H, W) probabilities, got {tuple(probs.shape)}")
     confidence, label = probs.max(dim=-3)
-    label = label.to(torch.uint8)
+    label = label.to(torch.uint8).cpu().numpy()
     if threshold is not None:
-        label[confidence < threshold] = IGNORE_INDEX
-    return label.cpu().numpy()
+        level = pixel_thresholds([], threshold, None)[0]
+        label[quantise_confidence(confidence.cpu().numpy()) < level] = IGNORE_INDEX
+    return label
 
 
 def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
@@ -201,10 +206,14 @@ class BatchScores:
     rare_present: np.ndarray       # (N,) int32
     mean_confidence: np.ndarray    # (N,) float64 mean max-softmax
     class_histogram: np.ndarray    # (N, NUM_CLASSES) float32 share of pixels per predicted class
-    ignored_share: np.ndarray      # (N,) float64 share of pseudo-label pixels set to 255
-    pseudo_labels: np.ndarray      # (N, H, W) uint8
+    labels: np.ndarray             # (N, H, W) uint8 argmax train ids (no pixel dropped yet)
     confidence_q: np.ndarray       # (N, H, W) uint8 max softmax, quantised (pseudo_labels.py)
     entropy: np.ndarray | None = None      # (N, H, W) float32, when asked for (pictures)
+
+    def confidence_histograms(self) -> np.ndarray:
+        """(N, NUM_CLASSES, 256) int32: each image's pixels per predicted class and confidence level."""
+        return np.stack([class_confidence_histogram(label, conf).astype(np.int32)
+                         for label, conf in zip(self.labels, self.confidence_q)])
 
 
 @torch.inference_mode()
@@ -215,14 +224,12 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score_images(model: torch.nn.Module, images: torch.Tensor, threshold: float | None,
-                 keep_entropy: bool = False) -> BatchScores:
+def score_images(model: torch.nn.Module, images: torch.Tensor, keep_entropy: bool = False) -> BatchScores:
     """Everything the ranking needs about a batch of same-size normalised images (N, 3, H, W)."""
     probs = predict_probs(model, images)
     confidence, argmax = probs.max(1)
-    labels = pseudo_label(probs, threshold)
-    argmax_np = argmax.cpu().numpy()
-    n, _, h, w = probs.shape
+    argmax_np = argmax.to(torch.uint8).cpu().numpy()
+    _, _, h, w = probs.shape
     hist = torch.stack([torch.bincount(a.flatten(), minlength=probs.shape[1])[:NUM_CLASSES]
                         for a in argmax]).double() / (h * w)
     rare = np.array([rare_classes_present(a) for a in argmax_np], np.int32)
@@ -233,11 +240,59 @@ def score_images(model: torch.nn.Module, images: torch.Tensor, threshold: float 
         rare_present=rare,
         mean_confidence=confidence.flatten(1).double().mean(1).cpu().numpy(),
         class_histogram=hist.float().cpu().numpy(),
-        ignored_share=(labels == IGNORE_INDEX).reshape(n, -1).mean(1).astype(np.float64),
-        pseudo_labels=labels,
+        labels=argmax_np,
         confidence_q=quantise_confidence(confidence.cpu().numpy()),
         entropy=None if entropy is None else entropy.cpu().numpy(),
     )
+
+
+# -- pseudo-labels of the easy split ------------------------------------------------------------------
+
+def confidence_name(sample_id: str) -> str:
+    """Where an image's quantised confidence map lives beside its raw argmax label (relative)."""
+    return f"{CONFIDENCE_DIR}/{sample_id}.png"
+
+
+def pixel_thresholds(easy_histograms: Sequence[np.ndarray], threshold: float | None,
+                     class_balanced_share: float | None) -> np.ndarray:
+    """The uint8 confidence level each predicted class must reach to stay a pseudo-label pixel:
+    the global `threshold` (at 1/255 resolution: level floor(255 t), so every pixel with
+    confidence >= t stays and every one below t - 1/255 goes) and, with a class-balanced
+    share, each class's CBST threshold over the easy images' summed histograms; the larger wins."""
+    levels = np.zeros(NUM_CLASSES, np.int16)
+    if threshold is not None:
+        levels[:] = math.floor(threshold * (LEVELS - 1) + 1e-9)
+    if class_balanced_share is not None:
+        total = np.sum(np.stack(easy_histograms), axis=0) if len(easy_histograms) else \
+            np.zeros((NUM_CLASSES, LEVELS), np.int64)
+        levels = np.maximum(levels, class_balanced_thresholds(total, class_balanced_share))
+    return levels
+
+
+def write_pseudo_labels(table: pa.Table, levels: np.ndarray, raw_dir: str | Path,
+                        out_dir: str | Path) -> dict[str, float]:
+    """The easy rows' pseudo-labels: raw argmax labels and confidences from `raw_dir`
+    (`pseudo_labels/`, `confidence/`), pixels below their class's level -> 255, written to
+    `out_dir/pseudo_labels/` (which may be `raw_dir`: rewritten in place). Returns each easy
+    image's share of ignored pixels."""
+    from segshift.components.io import write_png
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    ignored: dict[str, float] = {}
+    for sid, _ in pseudo_label_items(table):
+        label = _read_uint8_png(raw_dir / pseudo_label_name(sid))
+        confidence = _read_uint8_png(raw_dir / confidence_name(sid))
+        label = apply_class_thresholds(label, confidence, levels)
+        write_png(out_dir / pseudo_label_name(sid), label)
+        ignored[sid] = float((label == IGNORE_INDEX).mean())
+    return ignored
+
+
+def _read_uint8_png(path: Path) -> np.ndarray:
+    import cv2
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None or array.ndim != 2 or array.dtype != np.uint8:
+        raise RankingError(f"{path}: missing or not a single-channel uint8 PNG; re-run `segshift rank`")
+    return array
 
 
 # -- the ranking table --------------------------------------------------------------------------------

@@ -21,8 +21,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from segshift.components.models.factory import ModelError
     from segshift.pipelines.train import StageInputError
     from segshift.components.ranking import RankingError
+    from segshift.pipelines.cluster import ClusterError
+    from segshift.pipelines.sweep import SweepError
     return USER_ERRORS + (ManifestError, StorageError, IngestError, ModelError, CheckpointError,
-                          EngineError, TrainingDiverged, StageInputError, RankingError)
+                          EngineError, TrainingDiverged, StageInputError, RankingError, SweepError,
+                          ClusterError)
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.evaluate import build_evaluate_parser
     from segshift.pipelines.preset import build_preset_parser
     from segshift.pipelines.seeds import build_seeds_parser
+    from segshift.pipelines.sweep import build_sweep_parser
 
     parser = argparse.ArgumentParser(
         prog="segshift", description="Domain-adaptive semantic segmentation pipelines.")
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_rank_parser(sub, _add_params)
     build_evaluate_parser(sub, _add_params)
     build_seeds_parser(sub, _add_params)
+    build_sweep_parser(sub, _add_params)
     build_ingest_parser(sub)
     build_calibrate_parser(sub, _add_params)
     build_preview_parser(sub, _add_params)

@@ -31,23 +31,22 @@ import numpy as np
 import torch
 
 from segshift.components.config import Params, load_params
-from segshift.components.data.dataset import read_label, read_rgb, to_tensor
-from segshift.components.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from segshift.components.data.dataset import read_rgb, to_tensor
+from segshift.components.data.labels import CLASS_NAMES, NUM_CLASSES
 from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.synthetic import CONDITIONS, HARD_CONDITIONS
 from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text,
                                    finite_or_none, resolve_under, strict_json, write_png)
 from segshift.components.losses import normalised_entropy
-from segshift.components.pseudo_labels import (LEVELS, apply_class_thresholds,
-                                               class_balanced_thresholds, class_confidence_histogram)
-from segshift.components.ranking import (EASY, HARD, RANKING_NAME, RankingError, auroc,
-                                         build_ranking_table, file_sha256, predict_probs,
+from segshift.components.pseudo_labels import LEVELS
+from segshift.components.ranking import (CONFIDENCE_DIR, EASY, HARD, RANKING_NAME, RankingError,
+                                         auroc, build_ranking_table, confidence_name, file_sha256,
+                                         pixel_thresholds, predict_probs, pseudo_label_items,
                                          pseudo_label_name, score_images, split_counts,
-                                         write_ranking)
+                                         write_pseudo_labels, write_ranking)
 
 STAGE = "rank"
 MODEL_STAGE = "inter"          # the ranking uses the inter-domain model
-CONFIDENCE_DIR = "confidence"   # staging only: quantised confidence maps for class balancing
 REPORT_EXAMPLES = 4            # easiest and hardest images shown in the report picture
 HISTOGRAM_NAME = "score_histogram.png"
 EXAMPLES_NAME = "easy_hard_examples.png"
@@ -92,39 +91,35 @@ def check_inputs(params: Params, project_dir: str | Path) -> RankInputs:
 # -- the Ray Data job -----------------------------------------------------------------------------
 
 class ScoreActor:
-    """A Ray Data actor: loads the model once, scores batches, writes pseudo-labels to staging."""
+    """A Ray Data actor: loads the model once, scores batches and leaves each image's raw argmax
+    label and quantised confidence map in the output directory (`pseudo_labels/`, `confidence/`)."""
 
-    def __init__(self, params: dict, model_path: str, target_dir: str, staging_dir: str,
-                 threshold: float | None, class_balanced: bool):
+    def __init__(self, params: dict, model_path: str, target_dir: str, out_dir: str):
         from segshift.components.engine.loop import resolve_device
         from segshift.pipelines.train import load_stage_model
         config = Params.model_validate(params)
         self.device = resolve_device(config.engine.device)
         self.model = load_stage_model(Path(model_path), config).to(self.device).eval()
-        self.target, self.staging, self.threshold = Path(target_dir), Path(staging_dir), threshold
-        self.class_balanced = class_balanced
+        self.target, self.out = Path(target_dir), Path(out_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(s) for s in batch["sample_id"]]
         images = [read_rgb(self.target / str(rel)) for rel in batch["image"]]
         n = len(ids)
         out = {"score": np.zeros(n), "normaliser": np.zeros(n), "rare_present": np.zeros(n, np.int32),
-               "mean_confidence": np.zeros(n), "ignored_share": np.zeros(n),
-               "class_histogram": np.zeros((n, NUM_CLASSES), np.float32)}
-        if self.class_balanced:
-            out["confidence_histogram"] = np.zeros((n, NUM_CLASSES, LEVELS), np.int32)
+               "mean_confidence": np.zeros(n), "class_histogram": np.zeros((n, NUM_CLASSES), np.float32),
+               "confidence_histogram": np.zeros((n, NUM_CLASSES, LEVELS), np.int32)}
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):           # one forward pass per image size
             groups.setdefault(image.shape[:2], []).append(i)
         for index in groups.values():
             x = torch.stack([to_tensor(images[i]) for i in index]).to(self.device)
-            scores = score_images(self.model, x, self.threshold)
+            scores = score_images(self.model, x)
+            histograms = scores.confidence_histograms()
             for j, i in enumerate(index):
-                write_png(self.staging / pseudo_label_name(ids[i]), scores.pseudo_labels[j])
-                if self.class_balanced:
-                    write_png(self.staging / confidence_name(ids[i]), scores.confidence_q[j])
-                    out["confidence_histogram"][i] = class_confidence_histogram(
-                        scores.pseudo_labels[j], scores.confidence_q[j])
+                write_png(self.out / pseudo_label_name(ids[i]), scores.labels[j])
+                write_png(self.out / confidence_name(ids[i]), scores.confidence_q[j])
+                out["confidence_histogram"][i] = histograms[j]
                 for key in out.keys() - {"confidence_histogram"}:
                     out[key][i] = getattr(scores, key)[j]
         return {"sample_id": np.array(ids, dtype=object), **out}
@@ -146,8 +141,9 @@ def _check_resources(params: Params) -> None:
                 f"rank.concurrency or rank.{resource.lower()}s_per_actor (or raise ray.local_num_cpus)")
 
 
-def run_inference(params: Params, inputs: RankInputs, staging: Path, progress: bool) -> list[dict]:
-    """Score every target train image with a Ray Data actor pool; one dict per image."""
+def run_inference(params: Params, inputs: RankInputs, out_dir: Path, progress: bool) -> list[dict]:
+    """Score every target train image with a Ray Data actor pool; one dict per image. Raw labels
+    and confidences land in `out_dir` (`write_pseudo_labels` turns them into pseudo-labels)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from segshift.pipelines.cluster import connect_ray
@@ -173,8 +169,7 @@ def run_inference(params: Params, inputs: RankInputs, staging: Path, progress: b
             fn_constructor_kwargs={"params": params.model_dump(mode="json"),
                                    "model_path": str(inputs.model),
                                    "target_dir": str(inputs.target_dir),
-                                   "staging_dir": str(staging), "threshold": cfg.confidence_threshold,
-                                   "class_balanced": cfg.class_balanced_share is not None},
+                                   "out_dir": str(out_dir)},
             **resources)
         results = dataset.take_all()
     finally:
@@ -184,11 +179,9 @@ def run_inference(params: Params, inputs: RankInputs, staging: Path, progress: b
     records = [{"sample_id": str(r["sample_id"]), "score": float(r["score"]),
                 "normaliser": float(r["normaliser"]), "rare_present": int(r["rare_present"]),
                 "mean_confidence": float(r["mean_confidence"]),
-                "ignored_share": float(r["ignored_share"]),
                 "class_histogram": np.asarray(r["class_histogram"], np.float32),
-                "condition": conditions.get(str(r["sample_id"])),
-                **({"confidence_histogram": np.asarray(r["confidence_histogram"], np.int64)}
-                   if "confidence_histogram" in r else {})} for r in results]
+                "confidence_histogram": np.asarray(r["confidence_histogram"], np.int64),
+                "condition": conditions.get(str(r["sample_id"]))} for r in results]
     scored = {r["sample_id"] for r in records}
     if len(records) != len(items) or scored != set(conditions):
         raise RankingError(f"the inference job returned {len(records)} result(s) for {len(scored)} "
@@ -196,29 +189,21 @@ def run_inference(params: Params, inputs: RankInputs, staging: Path, progress: b
     return records
 
 
-def confidence_name(sample_id: str) -> str:
-    """Where an actor leaves an image's quantised confidence map for class-balanced selection
-    (inside the staging directory; removed before the ranking is published)."""
-    return f"{CONFIDENCE_DIR}/{sample_id}.png"
-
-
-def select_class_balanced(records: list[dict], table, staging: Path, share: float) -> np.ndarray:
-    """CBST on the easy split: per-class thresholds from the easy images' summed confidence
-    histograms, applied to their pseudo-labels in `staging`; updates each record's
-    `ignored_share`; returns the uint8 thresholds per class."""
-    easy_ids = [sid for sid, split in zip(table["sample_id"].to_pylist(), table["split"].to_pylist())
-                if split == EASY]
-    by_id = {r["sample_id"]: r for r in records}
-    histogram = sum(by_id[sid]["confidence_histogram"] for sid in easy_ids)
-    thresholds = class_balanced_thresholds(histogram, share)
-    for sid in easy_ids:
-        path = staging / pseudo_label_name(sid)
-        label = apply_class_thresholds(read_label(path), read_label(staging / confidence_name(sid)),
-                                       thresholds)
-        write_png(path, label)
-        by_id[sid]["ignored_share"] = float((label == IGNORE_INDEX).mean())
-    shutil.rmtree(staging / CONFIDENCE_DIR)
-    return thresholds
+def publish_ranking(records: list[dict], params: Params, manifest_sha: str, model_sha: str,
+                    raw_dir: Path, out_dir: Path) -> tuple[Any, np.ndarray, dict[str, float]]:
+    """Split the scored images by lambda and write the ranking into `out_dir`: ranking.parquet
+    and the easy images' pseudo-labels (threshold and class balancing applied to the raw labels
+    in `raw_dir`). Returns (table, per-class confidence levels, ignored share per easy image)."""
+    cfg = params.rank
+    table = build_ranking_table(records, cfg.lambda_, cfg.entropy_normalisation,
+                                cfg.confidence_threshold, manifest_sha, model_sha,
+                                cfg.class_balanced_share)
+    easy = {sid for sid, _ in pseudo_label_items(table)}
+    levels = pixel_thresholds([r["confidence_histogram"] for r in records if r["sample_id"] in easy],
+                              cfg.confidence_threshold, cfg.class_balanced_share)
+    ignored = write_pseudo_labels(table, levels, raw_dir, out_dir)
+    write_ranking(table, out_dir)
+    return table, levels, ignored
 
 
 # -- metrics and pictures ---------------------------------------------------------------------------
@@ -227,7 +212,7 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def ranking_metrics(table, records: list[dict], params: Params, seconds: float) -> dict:
+def ranking_metrics(table, ignored: dict[str, float], params: Params, seconds: float) -> dict:
     """rank.json: counts, scores per split and, when conditions are known (built-in data), how
     well the ranking finds the hard conditions."""
     cfg = params.rank
@@ -236,7 +221,6 @@ def ranking_metrics(table, records: list[dict], params: Params, seconds: float) 
     key = table["score_normalised"].to_numpy()
     confidence = table["mean_confidence"].to_numpy()
     easy, hard = split == EASY, split == HARD
-    ignored = {r["sample_id"]: r["ignored_share"] for r in records}
     easy_ids = [sid for sid, s in zip(table["sample_id"].to_pylist(), split) if s == EASY]
     metrics: dict[str, Any] = {
         "n": int(len(split)), "easy": int(easy.sum()), "hard": int(hard.sum()),
@@ -360,20 +344,16 @@ def rank_stage(params: Params, project_dir: str | Path, progress: bool = True) -
     with StageTracker(params, stage=STAGE, project_dir=inputs.project_dir) as tracker:
         with atomic_directory(inputs.out_dir) as staging:
             records = run_inference(params, inputs, staging, progress)
-            table = build_ranking_table(records, cfg.lambda_, cfg.entropy_normalisation,
-                                        cfg.confidence_threshold, manifest_sha, model_sha,
-                                        cfg.class_balanced_share)
+            table, levels, ignored = publish_ranking(records, params, manifest_sha, model_sha,
+                                                     raw_dir=staging, out_dir=staging)
             for sid, split in zip(table["sample_id"].to_pylist(), table["split"].to_pylist()):
                 if split == HARD:
                     (staging / pseudo_label_name(sid)).unlink()
-            thresholds = None
-            if cfg.class_balanced_share is not None:
-                thresholds = select_class_balanced(records, table, staging, cfg.class_balanced_share)
-            write_ranking(table, staging)
-        metrics = ranking_metrics(table, records, params, time.perf_counter() - start)
-        if thresholds is not None:
+            shutil.rmtree(staging / CONFIDENCE_DIR)
+        metrics = ranking_metrics(table, ignored, params, time.perf_counter() - start)
+        if cfg.class_balanced_share is not None:
             metrics["class_thresholds"] = {name: round(int(t) / (LEVELS - 1), 4)
-                                           for name, t in zip(CLASS_NAMES, thresholds)}
+                                           for name, t in zip(CLASS_NAMES, levels)}
         metrics_path = atomic_write_text(resolve_under(inputs.project_dir, params.paths.metrics) / "rank.json",
                                          strict_json(metrics))
         reports = resolve_under(inputs.project_dir, params.paths.reports) / STAGE

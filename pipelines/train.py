@@ -212,7 +212,8 @@ def build_method(job: StageJob, model: torch.nn.Module):
     return Supervised(model, cfg)
 
 
-def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float], int], None]) -> dict:
+def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float], int], None],
+                 on_validation: Callable[[dict[str, float], int], None] | None = None) -> dict:
     params, stage = job.config, job.stage
     cfg, engine = stage_config(params, stage), params.engine
     seed_everything(engine.seed + runtime.rank)
@@ -227,7 +228,8 @@ def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float
         checkpoint_path=checkpoints / "last.pt", best_path=checkpoints / "best.pt",
         fingerprint=run_fingerprint(job), runtime=runtime,
         validate=lambda m: validation_metrics(evaluate(m, val, engine.eval_batch_size, runtime.device)),
-        on_log=log if runtime.is_main else None, progress=job.progress, desc=stage)
+        on_log=log if runtime.is_main else None, on_validation=on_validation,
+        progress=job.progress, desc=stage)
     source = batch_source(datasets, cfg.batch_size, cfg.iterations * cfg.accumulation, engine.seed,
                           runtime, engine.loader_workers)
     result = trainer.fit(source)

@@ -95,12 +95,16 @@ class Trainer:
                  checkpoint_path: Path, best_path: Path, fingerprint: str, runtime: Runtime,
                  validate: Callable[[nn.Module], dict[str, float]] | None = None,
                  on_log: Callable[[dict[str, float], int], None] | None = None,
+                 on_validation: Callable[[dict[str, float], int], None] | None = None,
                  progress: bool = True, desc: str = "train"):
         check_amp(cfg.amp, runtime.device)
         self.method, self.cfg, self.runtime = method, cfg, runtime
         self.iterations, self.accumulation = iterations, accumulation
         self.checkpoint_path, self.best_path, self.fingerprint = checkpoint_path, best_path, fingerprint
         self.validate, self.on_log = validate, on_log or (lambda metrics, step: None)
+        # called on every rank after each validation (rank 0 with the metrics, others with {}):
+        # a collective report such as Ray Train's must be made by all workers
+        self.on_validation = on_validation or (lambda metrics, step: None)
         self.progress, self.desc = progress and runtime.is_main, desc
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.selection = Selection(metric=cfg.selection)
@@ -249,6 +253,11 @@ class Trainer:
         return dict(zip(names, values.tolist()))
 
     def _validate_and_select(self, step: int) -> dict[str, float]:
+        metrics = self._validate_on_main(step)
+        self.on_validation(metrics, step)
+        return metrics
+
+    def _validate_on_main(self, step: int) -> dict[str, float]:
         if not self.runtime.is_main:
             self._barrier()
             return {}

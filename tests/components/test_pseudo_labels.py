@@ -48,3 +48,14 @@ def test_share_one_keeps_everything_and_histograms_sum_across_images():
 def test_share_outside_the_unit_interval_is_rejected(share):
     with pytest.raises(ValueError, match="share"):
         class_balanced_thresholds(np.zeros((NUM_CLASSES, 256), np.int64), share)
+
+
+def test_global_threshold_and_class_balancing_combine_as_the_larger_level():
+    from segshift.components.ranking import pixel_thresholds
+    label = np.array([0] * 4 + [5] * 4, np.uint8)
+    conf = np.array([250, 251, 252, 253, 20, 30, 40, 50], np.uint8)
+    hist = [class_confidence_histogram(label, conf)]
+    assert pixel_thresholds(hist, None, None).tolist() == [0] * NUM_CLASSES
+    assert set(pixel_thresholds(hist, 0.5, None).tolist()) == {127}
+    levels = pixel_thresholds(hist, 0.1, 0.5)
+    assert levels[0] == 252 and levels[5] == 40 and levels[1] == 25   # CB, CB, global floor(25.5)

@@ -88,10 +88,11 @@ def test_pseudo_label_is_the_argmax_and_threshold_ignores_exactly_the_unsure_pix
     assert (label == probs.argmax(1).numpy()).all()
     threshold = 0.5
     thresholded = pseudo_label(probs, threshold)
-    unsure = probs.max(1).values.numpy() < threshold
+    confidence = probs.max(1).values.numpy()
+    unsure, sure = confidence < threshold - 1 / 255, confidence >= threshold   # 1/255 resolution
     assert 0 < unsure.sum() < unsure.size
     assert (thresholded[unsure] == IGNORE_INDEX).all()
-    assert (thresholded[~unsure] == label[~unsure]).all()
+    assert (thresholded[sure] == label[sure]).all()
     # exactly at the threshold is kept; a single (C, H, W) image works too
     at = torch.zeros(NUM_CLASSES, 1, 1)
     at[4] = 0.5
@@ -125,8 +126,9 @@ class FixedLogits(torch.nn.Module):
 
 
 def test_score_images_gives_scores_normalisers_histograms_and_pseudo_labels():
-    scores = score_images(FixedLogits(), torch.zeros(2, 3, 8, 8), threshold=None, keep_entropy=True)
-    assert scores.pseudo_labels.shape == (2, 8, 8) and scores.entropy.shape == (2, 8, 8)
+    scores = score_images(FixedLogits(), torch.zeros(2, 3, 8, 8), keep_entropy=True)
+    assert scores.labels.shape == (2, 8, 8) and scores.entropy.shape == (2, 8, 8)
+    assert scores.labels.dtype == np.uint8 and scores.confidence_q.dtype == np.uint8
     assert scores.rare_present.tolist() == [0, 2]
     assert scores.normaliser == pytest.approx([1.5, 9 / 11 + 0.5])
     assert scores.class_histogram.dtype == np.float32 and scores.class_histogram.shape == (2, NUM_CLASSES)
@@ -135,7 +137,9 @@ def test_score_images_gives_scores_normalisers_histograms_and_pseudo_labels():
     assert scores.class_histogram[1, 3] + scores.class_histogram[1, 12] == pytest.approx(1.0)
     assert (scores.score < 0.05).all() and (scores.mean_confidence > 0.95).all()
     assert scores.score[0] < scores.score[1]          # the boundary between 3 and 12 is unsure
-    assert scores.ignored_share.tolist() == [0.0, 0.0]
+    histograms = scores.confidence_histograms()
+    assert histograms.shape == (2, NUM_CLASSES, 256) and histograms.sum(axis=(1, 2)).tolist() == [64, 64]
+    assert histograms[0, 0].sum() == 64 and histograms[0, 0, 250:].sum() == 64   # all sure road
 
 
 # -- the table ------------------------------------------------------------------------------------
