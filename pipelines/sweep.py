@@ -377,7 +377,8 @@ def _trial_id(result) -> str:
 
 
 def close_trial_runs(ctx: SweepContext, rows: list[dict]) -> None:
-    """Trial runs ASHA stopped (their process was ended) or that failed are closed here."""
+    """Trial runs whose process Tune ended (ASHA) or that failed are closed here: FINISHED when
+    the trial ran all its steps, KILLED when stopped early, FAILED on an error."""
     from mlflow import MlflowClient
     client = MlflowClient(ctx.tracking_uri)
     states = {r["trial_id"]: r["state"] for r in rows}
@@ -389,7 +390,8 @@ def close_trial_runs(ctx: SweepContext, rows: list[dict]) -> None:
             continue
         client.set_tag(run.info.run_id, TAG_TRIAL_STATE, state)
         if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "FAILED" if state == "error" else "KILLED")
+            # Tune ends a trial's process when ASHA stops it, also at its last step (max_t)
+            client.set_terminated(run.info.run_id, {"finished": "FINISHED", "stopped": "KILLED"}.get(state, "FAILED"))
 
 
 def evaluate_best(ctx: SweepContext, params: Params, trial_id: str) -> dict:

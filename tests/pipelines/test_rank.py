@@ -43,7 +43,7 @@ def params_file(root: Path, extra: dict | None = None, variant: str | None = Non
         "prepare.out_dir": str(root / "prepared"), "prepare.builtin.counts": COUNTS,
         "model.width": 0.125, "ray.local_num_cpus": 2, "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
         "rank.lambda": LAMBDA, "rank.batch_size": 3, "rank.confidence_threshold": THRESHOLD,
-        **(extra or {})})
+        "rank.class_balanced_share": None, **(extra or {})})
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +162,7 @@ def test_two_actors_give_the_same_ranking_as_one(ranked, tmp_path):
     normalised = build_ranking_table(records, LAMBDA, True, THRESHOLD, "m", "x").to_pylist()
     assert all(r["score_normalised"] == pytest.approx(r["score"] * next(
         q["normaliser"] for q in records if q["sample_id"] == r["sample_id"])) for r in normalised)
+    rank_module.publish_ranking(records, params, "m", "x", raw_dir=tmp_path, out_dir=tmp_path)
     for relative in single["pseudo_label"].drop_null().to_pylist():
         one = cv2.imread(str(ranked / "data" / "ranking" / relative), cv2.IMREAD_UNCHANGED)
         two = cv2.imread(str(tmp_path / relative), cv2.IMREAD_UNCHANGED)
