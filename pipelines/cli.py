@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from segshift import __version__
@@ -86,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:
+        if os.environ.get("SEGSHIFT_TRACEBACK"):     # where a user error came from, for bug reports
+            traceback.print_exc()
         print(f"segshift {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -40,10 +40,12 @@ def test_a_sweep_submitted_to_a_two_node_cluster_logs_its_trials_and_best_params
             ray_cli("start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env)
             client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
             nodes = None
+            # No --working-dir here: two nodes on one machine share Ray's session directory, and
+            # the second node's runtime-env agent deletes the unpacked working_dir (the driver's
+            # cwd) once its trial actors are done. On a real cluster each node has its own.
             job = client.submit_job(
-                entrypoint=f"{BIN / 'segshift'} sweep --params params.yaml --quiet --fresh",
-                runtime_env={"working_dir": str(tmp_path), "excludes": ["mlflow/", "prepared/"],
-                             "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+                entrypoint=f"cd {tmp_path} && {BIN / 'segshift'} sweep --params params.yaml --quiet --fresh",
+                runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "SEGSHIFT_TRACEBACK": "1"}})
             deadline = time.monotonic() + 900
             while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                                  JobStatus.STOPPED):
