@@ -51,11 +51,8 @@ def with_values(params: Params, values: Mapping[str, Any]) -> Params:
 def check_search_space(params: Params) -> None:
     """Raise ConfigError, naming the dimension, for a key that cannot be searched or a bound or
     choice that is not a valid value of its parameter (e.g. rank.lambda up to 1.2)."""
-    space = params.sweep.space
-    if not space:
-        raise ConfigError("sweep.space is empty: add at least one dimension, e.g. "
-                          "rank.lambda: {type: uniform, low: 0.3, high: 0.8}")
-    for key, dimension in space.items():
+    # an empty space never gets here: SweepConfig requires at least one dimension
+    for key, dimension in params.sweep.space.items():
         section = key.split(".", 1)[0]
         if section not in SEARCHABLE_SECTIONS or "." not in key:
             raise ConfigError(f"{_where(key)}: only {', '.join(s + '.*' for s in SEARCHABLE_SECTIONS)} "

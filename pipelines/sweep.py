@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -134,21 +135,22 @@ def read_records(path: Path) -> list[dict]:
     return rows
 
 
-def ranking_cache(params: Params, inputs, directory: Path, progress: bool) -> tuple[list[dict], str, str]:
+def ranking_cache(params: Params, inputs, directory: Path, progress: bool) -> tuple[str, str]:
     """The scored target train (records) and the raw labels under `<sweep>/cache/`, computed with
-    the inter model unless a cache of the same model and prepared target is already there."""
+    the inter model unless a cache of the same model and prepared target is already there.
+    Returns (manifest sha256, model sha256); the trials read the records themselves."""
     from segshift.pipelines.rank import run_inference
     manifest_sha, model_sha = file_sha256(inputs.manifest), file_sha256(inputs.model)
     cache = directory / CACHE_DIR
     identity = {"manifest_sha256": manifest_sha, "model_sha256": model_sha}
     meta = cache / CACHE_META
     if meta.is_file() and json.loads(meta.read_text()) == identity and (cache / RECORDS_NAME).is_file():
-        return read_records(cache / RECORDS_NAME), manifest_sha, model_sha
+        return manifest_sha, model_sha
     with atomic_directory(cache) as staging:
         records = run_inference(params, inputs, staging, progress)
         write_records(records, staging / RECORDS_NAME)
         atomic_write_text(staging / CACHE_META, json.dumps(identity))
-    return read_records(cache / RECORDS_NAME), manifest_sha, model_sha
+    return manifest_sha, model_sha
 
 
 # -- one trial ----------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def materialise_trial_ranking(ctx: SweepContext, params: Params, records: list[d
                         raw_dir=Path(ctx.sweep_dir) / CACHE_DIR, out_dir=staging)
 
 
-def trial_child_run(ctx: SweepContext, trial_id: str, values: dict[str, Any]) -> str:
+def trial_child_run(ctx: SweepContext, sweep_name: str, trial_id: str, values: dict[str, Any]) -> str:
     """The trial's MLflow run under the sweep's parent: found again when a resumed sweep restarts it."""
     from mlflow import MlflowClient
     from segshift.pipelines.tracking import TAG_PARENT, TAG_ROLE, TAG_STAGE, log_flat_params
@@ -193,7 +195,7 @@ def trial_child_run(ctx: SweepContext, trial_id: str, values: dict[str, Any]) ->
         return found[0].info.run_id
     run = client.create_run(ctx.experiment_id, run_name=f"trial {trial_id}", tags={
         TAG_PARENT: ctx.parent_run_id, TAG_ROLE: "trial", TAG_STAGE: "sweep-trial", TAG_TRIAL: trial_id,
-        TAG_SWEEP: Params.model_validate(ctx.params).sweep.name})
+        TAG_SWEEP: sweep_name})
     log_flat_params(client, run.info.run_id, {k: json.dumps(v) for k, v in sorted(values.items())})
     return run.info.run_id
 
@@ -215,7 +217,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     if params.intra.init == "inter":
         (trial_dir / "models" / "inter").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(inter, trial_dir / "models" / "inter" / "model.pt")
-    run_id = trial_child_run(ctx, trial_id, config)
+    run_id = trial_child_run(ctx, base.sweep.name, trial_id, config)
     job = StageJob(params=params.model_dump(mode="json"), stage=STAGE, project_dir=ctx.project_dir,
                    tracking_uri=ctx.tracking_uri, run_id=run_id, progress=False)
     # Ray Train's default 60 s for starting workers is short on a busy laptop where trial
@@ -288,7 +290,6 @@ def _searcher(params: Params):
 
 
 def sweep_key(params: Params, model_sha: str, manifest_sha: str) -> str:
-    import hashlib
     identity = {"sweep": params.sweep.model_dump(mode="json"), "rank": params.rank.model_dump(mode="json"),
                 "intra": params.intra.model_dump(mode="json"), "model": model_sha, "data": manifest_sha}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -443,8 +444,7 @@ def run_sweep(params: Params, project_dir: Path, resume: bool = False, fresh: bo
         discard_previous(params, project_dir, directory)
     start = time.perf_counter()
     connect_ray(params)
-    records, manifest_sha, model_sha = ranking_cache(params, inputs, directory, progress)
-    del records  # trials read the cache themselves
+    manifest_sha, model_sha = ranking_cache(params, inputs, directory, progress)
     key = sweep_key(params, model_sha, manifest_sha)
     uri, experiment, parent = parent_run(params, project_dir, key, resume)
     ctx = SweepContext(params=params.model_dump(mode="json"), project_dir=str(project_dir),
@@ -476,11 +476,12 @@ def run_sweep(params: Params, project_dir: Path, resume: bool = False, fresh: bo
                      "test": best_test},
             "rows": rows,
         }
+        best_file = directory / "best_params.yaml"
+        shown = best_file.relative_to(project_dir) if best_file.is_relative_to(project_dir) else best_file
         outputs = [
-            atomic_write_text(directory / "best_params.yaml",
-                              f"# best of sweep '{params.sweep.name}' (target-val mIoU {best[METRIC]:.4f}); "
-                              f"apply with: segshift preset {directory.relative_to(project_dir) if directory.is_relative_to(project_dir) else directory}/best_params.yaml\n"
-                              + yaml.safe_dump(as_overlay(best["config"]), sort_keys=True)),
+            atomic_write_text(best_file, f"# best of sweep '{params.sweep.name}' (target-val mIoU "
+                                         f"{best[METRIC]:.4f}); apply with: segshift preset {shown}\n"
+                                         + yaml.safe_dump(as_overlay(best["config"]), sort_keys=True)),
             atomic_write_text(directory / "summary.json", strict_json(summary)),
             atomic_write_text(directory / "summary.md", summary_markdown(summary)),
             *write_pictures(rows, params, directory),
