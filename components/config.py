@@ -98,6 +98,7 @@ class PrepareConfig(_Strict):
 
 class StorageConfig(_Strict):
     s3_endpoint_url: str | None  # S3-compatible store (MinIO, moto); null = AWS / AWS_ENDPOINT_URL
+    cache_dir: str               # local mirrors of s3:// locations (prepared data, checkpoints)
 
 
 class ModelConfig(_Strict):

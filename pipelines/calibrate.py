@@ -22,6 +22,7 @@ from segshift.components.io import atomic_write_text
 from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model
 from segshift.pipelines.train import batch_source
+from segshift.pipelines.remote import prepared_dir
 
 # (name, training domain, per-image colour normalisation)
 CALIBRATION_RUNS = (("source_only", "source", False), ("oracle", "target", False),
@@ -64,7 +65,7 @@ def calibrate(params: Params, prepared_dir: Path, progress: bool = True) -> dict
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    results = calibrate(params, Path(params.prepare.out_dir), progress=not args.quiet)
+    results = calibrate(params, prepared_dir(params, Path.cwd()), progress=not args.quiet)
     atomic_write_text(params.calibrate.out, json.dumps(results, indent=2))
     for name in ("source_only", "oracle", "source_only_colour_norm"):
         print(f"{name:26s} target-test mIoU {100 * results[name]['miou']:5.1f}")

@@ -42,7 +42,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     report = prepare(params, progress=not args.quiet)
     counts = ", ".join(f"{domain}: " + " ".join(f"{s}={n}" for s, n in splits.items())
                        for domain, splits in report.counts.items())
-    print(f"prepared {report.out_dir} in {report.seconds:.1f}s ({counts})")
+    uploaded = f"; {report.uploaded} files uploaded" if report.uploaded else ""
+    print(f"prepared {report.out_dir} in {report.seconds:.1f}s ({counts}){uploaded}")
     return 0
 
 

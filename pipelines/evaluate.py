@@ -22,7 +22,6 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -34,6 +33,7 @@ from segshift.components.io import (atomic_write_text, finite_or_none, resolve_u
                                    strict_json, write_png)
 from segshift.components.visualize import grouped_bar_picture, iou_bar_picture
 from segshift.pipelines.train import StageInputError, load_stage_model
+from segshift.pipelines.remote import prepared_dir
 
 STAGE = "evaluate"
 
@@ -51,7 +51,7 @@ def model_path(params: Params, stage: str, project_dir: Path) -> Path:
 def check_inputs(params: Params, project_dir: Path) -> dict[str, Path]:
     """The model file of every listed stage; EvaluateInputError naming each missing input."""
     problems = []
-    target = resolve_under(project_dir, params.prepare.out_dir) / "target"
+    target = prepared_dir(params, project_dir) / "target"
     if not (target / MANIFEST_NAME).is_file():
         problems.append(f"{target / MANIFEST_NAME}: missing; run `dvc repro prepare` "
                         f"(or `segshift prepare`) first")
@@ -213,7 +213,7 @@ def evaluate_stages(params: Params, project_dir: Path, progress: bool = True) ->
     from segshift.pipelines.tracking import StageTracker
     project_dir = Path(project_dir).resolve()
     paths = check_inputs(params, project_dir)
-    test = PreparedSplit(resolve_under(project_dir, params.prepare.out_dir) / "target", "test",
+    test = PreparedSplit(prepared_dir(params, project_dir) / "target", "test",
                          cache=params.engine.cache_images)
     # Load every model first: a wrong architecture fails before any evaluation.
     models = {stage: load_stage_model(path, params) for stage, path in paths.items()}

@@ -15,13 +15,15 @@ from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.splits import cityscapes_roles, hold_out_val
 from segshift.components.io import atomic_directory, atomic_write_text
 from segshift.pipelines.ingest import ingest
+from segshift.pipelines.remote import mirror_path, push
 
 SUMMARY_NAME = "summary.json"
 
 
 @dataclass
 class PrepareReport:
-    out_dir: Path
+    out_dir: str
+    uploaded: int = 0     # files sent to S3 (an s3:// out_dir)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # domain -> split -> n
     seconds: float = 0.0
 
@@ -47,12 +49,15 @@ def _split_counts(prepared: Path) -> dict[str, int]:
     return {s: splits.count(s) for s in ("train", "val", "test") if s in splits}
 
 
-def prepare(params: Params, progress: bool = True) -> PrepareReport:
-    """Build `prepare.out_dir/{source,target}`; a failure leaves the previous output as it was."""
+def prepare(params: Params, progress: bool = True, project_dir: str | Path = ".") -> PrepareReport:
+    """Build `prepare.out_dir/{source,target}`; a failure leaves the previous output as it was.
+
+    An s3:// out_dir is built in its local mirror, then the files that changed are uploaded.
+    """
     start = time.perf_counter()
     p = params.prepare
-    report = PrepareReport(out_dir=Path(p.out_dir))
-    with atomic_directory(p.out_dir) as tmp:
+    report = PrepareReport(out_dir=p.out_dir)
+    with atomic_directory(mirror_path(params, project_dir, p.out_dir)) as tmp:
         for role in ("source", "target"):
             cfg: DomainConfig = getattr(p, role)
             if cfg.kind == "builtin":
@@ -63,5 +68,6 @@ def prepare(params: Params, progress: bool = True) -> PrepareReport:
                 _prepare_real_domain(cfg, role, tmp / role, params, progress)
             report.counts[role] = _split_counts(tmp / role)
         atomic_write_text(tmp / SUMMARY_NAME, json.dumps(report.counts, indent=2, sort_keys=True))
+    report.uploaded = push(params, project_dir, p.out_dir)
     report.seconds = time.perf_counter() - start
     return report

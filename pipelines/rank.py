@@ -44,6 +44,7 @@ from segshift.components.ranking import (CONFIDENCE_DIR, EASY, HARD, RANKING_NAM
                                          pixel_thresholds, predict_probs, pseudo_label_items,
                                          pseudo_label_name, score_images, split_counts,
                                          write_pseudo_labels, write_ranking)
+from segshift.pipelines.remote import prepared_dir
 
 STAGE = "rank"
 MODEL_STAGE = "inter"          # the ranking uses the inter-domain model
@@ -67,7 +68,7 @@ class RankInputs:
 def check_inputs(params: Params, project_dir: str | Path) -> RankInputs:
     """Fail fast, before any inference, on inputs the ranking cannot use."""
     project_dir = Path(project_dir).resolve()
-    target = resolve_under(project_dir, params.prepare.out_dir) / "target"
+    target = prepared_dir(params, project_dir) / "target"
     manifest = target / MANIFEST_NAME
     if not manifest.is_file():
         raise RankingError(f"{manifest}: no prepared target dataset; run `segshift prepare` "

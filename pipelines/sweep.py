@@ -51,6 +51,7 @@ from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic
                                    resolve_under, strict_json)
 from segshift.components.ranking import RankingError, file_sha256, split_counts
 from segshift.components.search_space import as_overlay, check_search_space, tune_space, with_values
+from segshift.pipelines.remote import prepared_dir, ray_storage
 
 STAGE = "intra"
 METRIC = "val_miou"
@@ -260,18 +261,8 @@ def _trial_worker(config: dict) -> None:
 
 def storage(params: Params, project_dir: Path, directory: Path) -> tuple[str, Any]:
     """(Tune storage path, pyarrow filesystem or None): `sweep.storage_path` (a path or s3://)
-    or `<sweep>/tune`; an S3 path gets a filesystem with `storage.s3_endpoint_url`."""
-    path = params.sweep.storage_path or str(directory / "tune")
-    if not path.startswith("s3://"):
-        return str(resolve_under(project_dir, path)), None
-    import pyarrow.fs
-    endpoint = params.storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-    fs = pyarrow.fs.S3FileSystem(**kwargs, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    return path[len("s3://"):], fs
+    or `<sweep>/tune`."""
+    return ray_storage(params, project_dir, params.sweep.storage_path or str(directory / "tune"))
 
 
 def _scheduler(params: Params):
@@ -404,7 +395,7 @@ def evaluate_best(ctx: SweepContext, params: Params, trial_id: str) -> dict:
     checkpoint = Path(ctx.sweep_dir) / "trials" / trial_id / "checkpoints" / STAGE / "best.pt"
     device = resolve_device(params.engine.device)
     model = load_stage_model(checkpoint, params).to(device)
-    test = PreparedSplit(resolve_under(ctx.project_dir, params.prepare.out_dir) / "target", "test")
+    test = PreparedSplit(prepared_dir(params, ctx.project_dir) / "target", "test")
     return evaluate(model, test, params.engine.eval_batch_size, device).summary()
 
 

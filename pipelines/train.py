@@ -29,7 +29,7 @@ from segshift.components.config import (AdaptationStageConfig, Params, Supervise
                                         load_params)
 from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.data.labels import CLASS_NAMES
-from segshift.components.data.manifest import MANIFEST_NAME, ManifestError
+from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.engine.checkpoint import load_checkpoint, save_checkpoint
 from segshift.components.engine.loop import Runtime, Trainer, resolve_device
 from segshift.components.evaluation import evaluate, validation_metrics
@@ -39,6 +39,7 @@ from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model, check_checkpoint_compatible
 from segshift.components.ranking import (RANKING_NAME, check_ranking_matches, pseudo_label_paths,
                                          ranked_splits, read_ranking)
+from segshift.pipelines.remote import mirror_path, prepared_dir, pull, push, ray_storage
 
 # stage -> where its labelled and unlabelled images come from
 STAGE_DATA: dict[str, dict[str, str]] = {
@@ -76,6 +77,24 @@ class StageJob:
     def path(self, relative: str) -> Path:
         return resolve_under(self.project_dir, relative)
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """This stage's checkpoints on this machine (the mirror of an s3:// paths.checkpoints)."""
+        return mirror_path(self.config, self.project_dir, self.config.paths.checkpoints) / self.stage
+
+    def pull_checkpoints(self) -> Path:
+        """Fetch this stage's checkpoints from S3 (a run resumed on another machine); local: no-op."""
+        pull(self.config, self.project_dir, self.config.paths.checkpoints, under=self.stage, required=False)
+        return self.checkpoint_dir
+
+    def push_checkpoint(self, path: Path) -> None:
+        push(self.config, self.project_dir, self.config.paths.checkpoints, files=[path])
+
+    @functools.cached_property
+    def prepared(self) -> Path:
+        """The prepared data on this machine (an s3:// out_dir is pulled once per process)."""
+        return prepared_dir(self.config, self.project_dir)
+
 
 # -- inputs ---------------------------------------------------------------------------------------
 
@@ -100,7 +119,7 @@ def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSpli
     """The training images of each role; `intra` reads the ranking's easy/hard split."""
     params, stage = job.config, job.stage
     cfg = stage_config(params, stage)
-    prepared = job.path(params.prepare.out_dir)
+    prepared = job.prepared
     aug = {"cache": cache, "crop": tuple(cfg.crop) if cfg.crop else None, "flip": cfg.flip}
     if stage == "intra":
         table = read_ranking(ranking_dir(job))
@@ -119,7 +138,7 @@ def check_inputs(job: StageJob) -> None:
     """Fail fast, with the numbers, on inputs a stage cannot train on."""
     params = job.config
     cfg = stage_config(params, job.stage)
-    prepared = job.path(params.prepare.out_dir)
+    prepared = job.prepared
     for domain in ("source", "target"):
         if not (prepared / domain / MANIFEST_NAME).is_file():
             raise StageInputError(f"{prepared / domain / MANIFEST_NAME}: missing; run `segshift prepare` first")
@@ -166,7 +185,7 @@ def run_fingerprint(job: StageJob) -> str:
     params, stage = job.config, job.stage
     identity = {"stage": stage, "stage_config": getattr(params, stage).model_dump(mode="json"),
                 "model": params.model.model_dump(mode="json"), "seed": params.engine.seed,
-                "amp": params.engine.amp, "data": data_fingerprint(job.path(params.prepare.out_dir))}
+                "amp": params.engine.amp, "data": data_fingerprint(job.prepared)}
     init = init_model_path(job)
     if init is not None:
         identity["init"] = file_digest(init)
@@ -217,18 +236,19 @@ def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float
     params, stage = job.config, job.stage
     cfg, engine = stage_config(params, stage), params.engine
     seed_everything(engine.seed + runtime.rank)
-    prepared = job.path(params.prepare.out_dir)
+    prepared = job.prepared
     datasets = stage_datasets(job, cache=engine.cache_images)
     val = PreparedSplit(prepared / "target", "val", cache=engine.cache_images,
                         need_labels=engine.selection == "val_miou")
     method = build_method(job, initial_model(job))
-    checkpoints = job.path(params.paths.checkpoints) / stage
+    checkpoints = job.pull_checkpoints()
     trainer = Trainer(
         method, engine, cfg.iterations, cfg.accumulation,
         checkpoint_path=checkpoints / "last.pt", best_path=checkpoints / "best.pt",
         fingerprint=run_fingerprint(job), runtime=runtime,
         validate=lambda m: validation_metrics(evaluate(m, val, engine.eval_batch_size, runtime.device)),
         on_log=log if runtime.is_main else None, on_validation=on_validation,
+        on_checkpoint=job.push_checkpoint,
         progress=job.progress, desc=stage)
     source = batch_source(datasets, cfg.batch_size, cfg.iterations * cfg.accumulation, engine.seed,
                           runtime, engine.loader_workers)
@@ -286,6 +306,8 @@ def run_workers(job: StageJob, log: Callable[[dict[str, float], int], None]) -> 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     connect_ray(params)
+    storage_path, filesystem = ray_storage(params, job.project_dir,
+                                           f"{params.paths.checkpoints.rstrip('/')}/ray")
     resources = {"CPU": workers.cpus_per_worker}
     if workers.use_gpu:
         resources["GPU"] = max(workers.gpus_per_worker, 1)
@@ -294,7 +316,7 @@ def run_workers(job: StageJob, log: Callable[[dict[str, float], int], None]) -> 
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=f"segshift-{job.stage}",
-                             storage_path=str(job.path(params.paths.checkpoints) / "ray")))
+                             storage_path=storage_path, storage_filesystem=filesystem))
     result = trainer.fit()
     return json.loads(result.metrics["summary"])
 
@@ -327,12 +349,12 @@ def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
     """Evaluate the selected checkpoint on target test and write metrics, tables and pictures."""
     from segshift.pipelines.report import write_stage_report
     params = job.config
-    best_path = job.path(params.paths.checkpoints) / job.stage / "best.pt"
+    best_path = job.checkpoint_dir / "best.pt"
     best = load_checkpoint(best_path)
     model = load_stage_model(best_path, params)
     device = resolve_device(params.engine.device)
     model.to(device)
-    test = PreparedSplit(job.path(params.prepare.out_dir) / "target", "test", cache=False)
+    test = PreparedSplit(job.prepared / "target", "test", cache=False)
     evaluation = evaluate(model, test, params.engine.eval_batch_size, device, progress=job.progress,
                           desc=f"{job.stage} test")
     model_path = export_model(job, best)

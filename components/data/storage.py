@@ -78,23 +78,39 @@ class S3Root:
             object.__setattr__(self, name, value)
 
     def list_files(self) -> list[str]:
-        key_prefix = f"{self.prefix}/" if self.prefix else ""
+        return sorted(self.etags())
+
+    def etags(self, under: str = "") -> dict[str, str]:
+        """Relative path -> ETag of every object below the root (and below `under` inside it)."""
+        key_prefix = "/".join(p for p in (self.prefix, under.strip("/")) if p)
+        key_prefix = f"{key_prefix}/" if key_prefix else ""
+        skip = len(f"{self.prefix}/") if self.prefix else 0
         paginator = self._s3().get_paginator("list_objects_v2")
-        found: list[str] = []
+        found: dict[str, str] = {}
         try:
             pages = paginator.paginate(Bucket=self.bucket, Prefix=key_prefix,
                                        PaginationConfig={"PageSize": LIST_PAGE_SIZE})
             for page in pages:
-                found.extend(item["Key"][len(key_prefix):] for item in page.get("Contents", ()))
+                for item in page.get("Contents", ()):
+                    rel = item["Key"][skip:]
+                    # Zero-byte "folder" markers created by consoles and sync tools are not files.
+                    if rel and not rel.endswith("/"):
+                        found[rel] = item["ETag"].strip('"')
         except Exception as error:  # botocore raises several unrelated exception types
-            raise self._storage_error(error, self.describe()) from error
-        # Zero-byte "folder" markers created by consoles and sync tools are not files.
-        return sorted(rel for rel in found if rel and not rel.endswith("/"))
+            raise self._storage_error(error, self.describe(under)) from error
+        return found
 
     def read_bytes(self, rel: str) -> bytes:
         try:
             response = self._s3().get_object(Bucket=self.bucket, Key=self._key(rel))
             return response["Body"].read()
+        except Exception as error:
+            raise self._storage_error(error, self.describe(rel)) from error
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Upload one object; S3 makes it visible whole, never partly written."""
+        try:
+            self._s3().put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
         except Exception as error:
             raise self._storage_error(error, self.describe(rel)) from error
 

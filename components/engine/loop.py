@@ -96,6 +96,7 @@ class Trainer:
                  validate: Callable[[nn.Module], dict[str, float]] | None = None,
                  on_log: Callable[[dict[str, float], int], None] | None = None,
                  on_validation: Callable[[dict[str, float], int], None] | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None,
                  progress: bool = True, desc: str = "train"):
         check_amp(cfg.amp, runtime.device)
         self.method, self.cfg, self.runtime = method, cfg, runtime
@@ -105,6 +106,8 @@ class Trainer:
         # called on every rank after each validation (rank 0 with the metrics, others with {}):
         # a collective report such as Ray Train's must be made by all workers
         self.on_validation = on_validation or (lambda metrics, step: None)
+        # called on rank 0 with each checkpoint file just written, e.g. to copy it to S3
+        self.on_checkpoint = on_checkpoint or (lambda path: None)
         self.progress, self.desc = progress and runtime.is_main, desc
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.selection = Selection(metric=cfg.selection)
@@ -164,13 +167,13 @@ class Trainer:
                           "step": self.selection.step},
             "history": self._history,
         }
-        save_checkpoint(self.checkpoint_path, payload)
+        self.on_checkpoint(save_checkpoint(self.checkpoint_path, payload))
 
     def _save_best(self, step: int, metrics: dict[str, float]) -> None:
-        save_checkpoint(self.best_path, {
+        self.on_checkpoint(save_checkpoint(self.best_path, {
             "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "step": step,
             "model": self.method.segmenter.state_dict(), "selection": self.selection.metric,
-            "metrics": metrics})
+            "metrics": metrics}))
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, batches: BatchSource) -> TrainResult:

@@ -1,6 +1,7 @@
 """A tiny swept project and an `mlflow server` on loopback, shared by the sweep tests."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -24,15 +25,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(root: Path):
-    """`mlflow server` with a sqlite backend on a free loopback port; yields its URI."""
+def mlflow_server(root: Path, artifacts: str | None = None, env: dict[str, str] | None = None):
+    """`mlflow server` with a sqlite backend on a free loopback port, serving artifacts stored in
+    `artifacts` (default `root/artifacts`; may be s3://, with the endpoint and keys in `env`);
+    yields its URI."""
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+         "--artifacts-destination", artifacts or str(root / "artifacts"), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
+        env={**os.environ, **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -65,7 +69,7 @@ def swept_project(root: Path, tracking_uri: str, extra: dict | None = None) -> P
                         "rank.class_balanced_share": {"type": "choice", "values": [None, 0.5]},
                         "intra.optimizer.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}},
         **(extra or {})})
-    if not (root / "prepared").exists():
+    if not (root / "models" / "inter" / "model.pt").exists():
         assert main(["prepare", "--params", str(params), "--quiet"]) == 0
         save_random_inter_model(root, load_params(params))
     return params
