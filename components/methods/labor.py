@@ -1,0 +1,433 @@
+"""LabOR: the defining mechanisms of "Labeling Only if Required" (Shin et al., ICCV 2021).
+
+Unsupervised adaptation stays well below supervised training; LabOR closes most of the gap by
+asking a human for labels on the few target pixels the model is unsure about. Per stage (3 in the
+paper, human in the loop):
+
+1. Pixel selector B: a copy of the adapted model A's feature extractor with *two* copies of its
+   classifier (`TwoHeadSegmenter`). B learns from A's pseudo-labels (cross-entropy, both heads),
+   and, as in MCD (Saito et al., CVPR 2018), the heads are trained to *maximise* their discrepancy
+   (`head_discrepancy`, L1 between the softmax maps) while the feature extractor *minimises* it.
+   Where the heads still disagree, the features are ambiguous: that is where labels help.
+2. Inconsistency mask M: the pixels where the two heads' argmax differ (`inconsistency_mask`).
+3. Labelling, by an `Annotator` (the `OracleAnnotator` in experiments, a person in production):
+   - SPL, segment-based: every pixel of M (about 2.2 % of the pixels in the paper);
+     `segment_based_selection` also caps it at a label budget, most uncertain pixels first.
+   - PPL, point-based: a few points per image (about 40 in the paper). The paper picks, per class
+     k, a prototype (the mean probability vector of the uncertain pixels predicted as k) and
+     labels the pixels whose probabilities are closest to it (`prototype_point_selection`);
+     `point_based_selection` is a spatial variant: one point per connected inconsistent region,
+     where the heads disagree most.
+4. A is trained on source + the revealed target pixels (cross-entropy), adversarial loss kept.
+
+Sign convention of the discrepancy for the training step (d = `head_discrepancy(p_a, p_b)` >= 0,
+on target images, p_* the softmax maps of the two heads):
+  - heads step (feature extractor frozen or detached features):  loss = CE(pseudo) - lambda * d
+    i.e. the heads *maximise* d while still fitting the pseudo-labels;
+  - feature step (heads frozen):                                  loss = + d
+    i.e. the feature extractor *minimises* d.
+The L1 gradient is sign(p_a - p_b): two identical heads get no gradient at all, hence the small
+perturbation of the second head in `TwoHeadSegmenter`.
+
+Checked against the paper's description (the authors' summary in the awesome-reviews review of
+the ICCV 2021 paper: Eq. 4 inconsistency mask, Loss 5 pseudo-label loss, Loss 6 classifier
+discrepancy from MCD; PPL = per-class prototype of the uncertain pixels, nearest pixels labelled).
+The paper's code is not public.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.models.base import SegOutput
+
+#: The final classifier's attribute in the networks of components/models (DeepLabV2, BiSeNet).
+HEAD_ATTRIBUTES = ("layer6", "head")
+#: Auxiliary heads B does not need (DeepLabV2's layer3 head, BiSeNet's stride-16/32 heads).
+AUX_ATTRIBUTES = ("layer5", "aux16", "aux32")
+
+REFERENCE_SPL_SHARE = 0.022     # the inconsistency mask covered about 2.2 % of the pixels
+REFERENCE_PPL_POINTS = 40       # points per image
+REFERENCE_STAGES = 3
+
+
+def check_label_budget(share: float) -> float:
+    """The label budget as a share of the target pixels, validated: it must be in (0, 1]. A budget
+    of 0 labels nothing (use the unsupervised stage instead) and one above 1 (100 %) is not a share
+    at all: both are configuration errors."""
+    try:
+        value = float(share)
+    except (TypeError, ValueError):
+        raise ValueError(f"label budget share = {share!r} must be a number in (0, 1]") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise ValueError(f"label budget share = {share!r} must be in (0, 1] "
+                         f"(a share of the target pixels: 0.022 = 2.2 %)")
+    return value
+
+
+# --- pixel selector: one feature extractor, two classifiers --------------------------------------
+
+class TwoHeadOutput(NamedTuple):
+    """Logits of the two classifiers, at the network's output stride."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def find_head_attribute(model: nn.Module) -> str:
+    """The attribute that holds `model`'s final classifier (one of HEAD_ATTRIBUTES)."""
+    for name in HEAD_ATTRIBUTES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise ValueError(f"{type(model).__name__} has none of the classifier attributes {HEAD_ATTRIBUTES}; "
+                     f"pass head=<attribute name>")
+
+
+class TwoHeadSegmenter(nn.Module):
+    """LabOR's pixel selector B, built from a segmentation network (model A is not modified).
+
+    A deep copy of the network has its final classifier (`head`, found automatically for DeepLabV2
+    and BiSeNet) replaced by an identity, so its forward returns the features the classifier would
+    see; `head_a` and `head_b` are two copies of that classifier applied to them. Auxiliary heads
+    are dropped unless `keep_aux` (B only needs the main prediction).
+
+    `head_b` gets Gaussian noise of `perturbation` x the mean |weight| of each parameter tensor
+    (seeded by `seed`): identical heads would have an L1 discrepancy of exactly 0 and no gradient
+    to start the maximisation from.
+    """
+
+    def __init__(self, model: nn.Module, head: str | None = None, perturbation: float = 0.01,
+                 seed: int = 0, keep_aux: bool = False):
+        super().__init__()
+        if not (math.isfinite(perturbation) and perturbation >= 0):
+            raise ValueError(f"perturbation = {perturbation!r} must be >= 0")
+        features = copy.deepcopy(model)
+        head = head or find_head_attribute(features)
+        classifier = getattr(features, head, None)
+        if not isinstance(classifier, nn.Module):
+            raise TypeError(f"{type(model).__name__}.{head} is not a module")
+        self.head_name = head
+        self.head_a = copy.deepcopy(classifier)
+        self.head_b = copy.deepcopy(classifier)
+        setattr(features, head, nn.Identity())
+        if not keep_aux:
+            for name in AUX_ATTRIBUTES:
+                if isinstance(getattr(features, name, None), nn.Module):
+                    setattr(features, name, None)
+        self.features = features
+        self.num_classes = getattr(model, "num_classes", None)
+        if perturbation > 0:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for param in self.head_b.parameters():
+                    scale = param.detach().abs().mean()
+                    noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                    param.add_(noise.to(param.device) * perturbation * scale)
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        """The features the two classifiers share."""
+        out = self.features(x)
+        return out.main if isinstance(out, SegOutput) else out
+
+    def forward(self, x: torch.Tensor) -> TwoHeadOutput:
+        feats = self.extract(x)
+        return TwoHeadOutput(self.head_a(feats), self.head_b(feats))
+
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        """The two heads: trained to maximise the discrepancy (and fit the pseudo-labels)."""
+        return [*self.head_a.parameters(), *self.head_b.parameters()]
+
+    def feature_parameters(self) -> list[nn.Parameter]:
+        """Everything before the heads: trained to minimise the discrepancy."""
+        return list(self.features.parameters())
+
+
+# --- disagreement ---------------------------------------------------------------------------------
+
+def inconsistency_mask(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool: where the two heads' argmax classes differ (probabilities work as well as
+    logits: softmax keeps the argmax). Argmax ties go to the lower class id in both maps."""
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"the two heads' outputs differ in shape: {tuple(logits_a.shape)} vs "
+                         f"{tuple(logits_b.shape)}")
+    if logits_a.dim() != 4:
+        raise ValueError(f"expected (N, C, H, W) outputs, got {tuple(logits_a.shape)}")
+    return logits_a.argmax(1) != logits_b.argmax(1)
+
+
+def pixel_discrepancy(probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
+    """(N, H, W): the mean over classes of |p_a - p_b|, in [0, 2/C]; ranks uncertain pixels."""
+    if probs_a.shape != probs_b.shape or probs_a.dim() != 4:
+        raise ValueError(f"expected two (N, C, H, W) probability maps of one shape, got "
+                         f"{tuple(probs_a.shape)} and {tuple(probs_b.shape)}")
+    return (probs_a - probs_b).abs().mean(1)
+
+
+def head_discrepancy(probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
+    """Scalar MCD discrepancy: the mean L1 distance of the two softmax maps (mean over classes,
+    pixels and images). Always >= 0; the heads maximise it, the feature extractor minimises it
+    (see the module docstring for the signs the training step uses)."""
+    return pixel_discrepancy(probs_a, probs_b).mean()
+
+
+# --- which pixels to ask for ----------------------------------------------------------------------
+
+def _as_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        if mask.size and not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"{name} must be boolean (or 0/1), got values beyond 0/1 of dtype {mask.dtype}")
+        mask = mask.astype(bool)
+    return mask
+
+
+def _as_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _per_image(fn, mask: np.ndarray, *arrays: np.ndarray, **kwargs) -> np.ndarray:
+    """Apply a per-image selection to (H, W) inputs, or to each image of (N, H, W) inputs."""
+    if mask.ndim == 2:
+        return fn(mask, *arrays, **kwargs)
+    if mask.ndim == 3:
+        return np.stack([fn(mask[i], *(a[i] for a in arrays), **kwargs) for i in range(mask.shape[0])])
+    raise ValueError(f"mask must be (H, W) or (N, H, W), got shape {mask.shape}")
+
+
+def _check_scores(scores: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != mask.shape:
+        raise ValueError(f"{name} {scores.shape} and mask {mask.shape} differ in shape")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{name} has NaN or infinite values")
+    return scores
+
+
+def _check_points(points_per_image: int) -> int:
+    if isinstance(points_per_image, bool) or int(points_per_image) != points_per_image or points_per_image < 1:
+        raise ValueError(f"points_per_image = {points_per_image!r} must be an integer >= 1")
+    return int(points_per_image)
+
+
+def segment_based_selection(mask: np.ndarray | torch.Tensor, budget_share: float,
+                            discrepancy: np.ndarray | torch.Tensor) -> np.ndarray:
+    """SPL: the pixels to label, bool of the mask's shape ((H, W) or (N, H, W), per image).
+
+    Every pixel of the inconsistency mask is asked for, whole regions, as long as the mask fits the
+    budget of floor(budget_share * H * W) pixels per image. A mask larger than that keeps its
+    budget's worth of most uncertain pixels (highest `discrepancy`, e.g. `pixel_discrepancy`; ties
+    in raster order), so a badly adapted model cannot blow the labelling budget. The paper has no
+    cap: its masks came to about 2.2 % of the pixels.
+    """
+    share = check_label_budget(budget_share)
+    mask = _as_mask(_as_numpy(mask))
+    scores = _check_scores(_as_numpy(discrepancy), mask, "discrepancy")
+    return _per_image(_spl_image, mask, scores, share=share)
+
+
+def _spl_image(mask: np.ndarray, scores: np.ndarray, share: float) -> np.ndarray:
+    budget = math.floor(share * mask.size + 1e-9)
+    if int(mask.sum()) <= budget:
+        return mask.copy()
+    candidates = np.flatnonzero(mask)
+    order = candidates[np.argsort(-scores.ravel()[candidates], kind="stable")]
+    out = np.zeros(mask.size, bool)
+    out[order[:budget]] = True
+    return out.reshape(mask.shape)
+
+
+def connected_regions(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """(number of 8-connected regions, (H, W) int32 region ids, 0 = background) of a 2-D mask."""
+    mask = _as_mask(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected an (H, W) mask, got shape {mask.shape}")
+    count, regions = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    return int(count) - 1, regions
+
+
+def point_based_selection(mask: np.ndarray | torch.Tensor, discrepancy: np.ndarray | torch.Tensor,
+                          points_per_image: int = REFERENCE_PPL_POINTS) -> np.ndarray:
+    """Point labelling, spatial variant: one point per connected inconsistent region (8-connected),
+    the region's pixel of highest `discrepancy` (ties: first in raster order); with more regions
+    than `points_per_image`, the largest regions first (then the higher peak discrepancy). Returns
+    a bool map with exactly min(regions, points_per_image) pixels set per image.
+
+    One click per region spreads the points over the image and never spends two on one region; the
+    paper's own PPL rule is `prototype_point_selection`.
+    """
+    points = _check_points(points_per_image)
+    mask = _as_mask(_as_numpy(mask))
+    scores = _check_scores(_as_numpy(discrepancy), mask, "discrepancy")
+    return _per_image(_ppl_regions_image, mask, scores, points=points)
+
+
+def _ppl_regions_image(mask: np.ndarray, scores: np.ndarray, points: int) -> np.ndarray:
+    out = np.zeros(mask.size, bool)
+    count, regions = connected_regions(mask)
+    if count == 0:
+        return out.reshape(mask.shape)
+    region, score = regions.ravel(), scores.ravel()
+    pixels = np.flatnonzero(region)
+    # by region, then highest score, then raster order: the first pixel of each region is its peak
+    order = pixels[np.lexsort((pixels, -score[pixels], region[pixels]))]
+    first = np.r_[True, region[order][1:] != region[order][:-1]]
+    peaks = order[first]                                   # one per region, region ids 1..count
+    areas = np.bincount(region[pixels], minlength=count + 1)[region[peaks]]
+    rank = np.lexsort((region[peaks], -score[peaks], -areas))
+    out[peaks[rank[:points]]] = True
+    return out.reshape(mask.shape)
+
+
+def prototype_point_selection(mask: np.ndarray | torch.Tensor, probs: np.ndarray | torch.Tensor,
+                              points_per_image: int = REFERENCE_PPL_POINTS) -> np.ndarray:
+    """PPL as in the paper: for each class k, the uncertain pixels D_k (in the mask, predicted as k
+    by argmax of `probs`) define a prototype mu_k, their mean probability vector; the pixels whose
+    probability vectors are closest (L2) to their class's prototype are the most representative of
+    what the model confuses, and are the ones asked for.
+
+    `probs`: (C, H, W), or (N, C, H, W) with an (N, H, W) mask, e.g. the mean of the two heads'
+    softmax maps. Points are dealt round-robin over the classes (largest D_k first): every class's
+    nearest pixel, then every class's second nearest, ... until `points_per_image` (or the mask)
+    is used up, so each confused class gets its share of the clicks. Returns a bool map with
+    min(mask pixels, points_per_image) pixels set per image.
+    """
+    points = _check_points(points_per_image)
+    mask = _as_mask(_as_numpy(mask))
+    probs = np.asarray(_as_numpy(probs), dtype=np.float64)
+    if probs.ndim != mask.ndim + 1 or probs.shape[:-3] + probs.shape[-2:] != mask.shape:
+        raise ValueError(f"probs {probs.shape} does not match mask {mask.shape}: expected (C, H, W) with an "
+                         f"(H, W) mask or (N, C, H, W) with an (N, H, W) mask")
+    if mask.ndim == 2:
+        return _ppl_prototype_image(mask, probs, points)
+    return np.stack([_ppl_prototype_image(mask[i], probs[i], points) for i in range(mask.shape[0])])
+
+
+def _ppl_prototype_image(mask: np.ndarray, probs: np.ndarray, points: int) -> np.ndarray:
+    flat = probs.reshape(probs.shape[0], -1).T             # (HW, C)
+    predicted = flat.argmax(1)
+    uncertain = np.flatnonzero(mask.ravel())
+    queues = []
+    for k in np.unique(predicted[uncertain]):
+        members = uncertain[predicted[uncertain] == k]
+        prototype = flat[members].mean(0)
+        distance = np.linalg.norm(flat[members] - prototype, axis=1)
+        queues.append(members[np.argsort(distance, kind="stable")])
+    queues.sort(key=len, reverse=True)
+    out = np.zeros(mask.size, bool)
+    taken, depth = 0, 0
+    while taken < points and any(depth < len(q) for q in queues):
+        for queue in queues:
+            if depth < len(queue) and taken < points:
+                out[queue[depth]] = True
+                taken += 1
+        depth += 1
+    return out.reshape(mask.shape)
+
+
+# --- who labels: the annotator interface ----------------------------------------------------------
+
+@runtime_checkable
+class Annotator(Protocol):
+    """Whoever labels the selected pixels: the oracle in experiments, a labelling tool in use.
+
+    `reveal(sample_ids, masks)` gets, per target sample, a bool (H, W) map of the pixels asked for
+    and returns, per sample, an (H, W) label map with the class of every asked pixel (IGNORE_INDEX
+    where the annotator saw void) and IGNORE_INDEX everywhere else: never a label for a pixel that
+    was not asked for. `start_stage(name)` tells it a new labelling stage begins (for its books or
+    its user interface).
+    """
+
+    def start_stage(self, name: str) -> None: ...
+
+    def reveal(self, sample_ids: Sequence[str], masks: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+
+class OracleAnnotator:
+    """An annotator that knows the ground truth: reveals it for the asked pixels only, and keeps
+    books per stage of what that cost.
+
+    Per stage (`ledger`, one dict per stage, in order): `stage` name, `queries` (reveal calls),
+    `images` (distinct samples asked about), `pixels` (pixels answered, a pixel asked twice counts
+    twice: a person would label it twice), `new_pixels` (pixels never revealed before),
+    `share` (pixels / all target pixels), `regions` (8-connected regions of the asked masks: the
+    segments or clicks a person would handle; for point labelling, the number of points unless two
+    touch). Reveals before any `start_stage` go to a stage named "default".
+
+    `ground_truth` maps sample id -> (H, W) integer label map (train ids, IGNORE_INDEX for void);
+    it is read, never copied or modified. All target pixels = the sum of their sizes.
+    """
+
+    def __init__(self, ground_truth: Mapping[str, np.ndarray]):
+        self._truth = ground_truth
+        self.total_pixels = int(sum(np.asarray(label).size for label in ground_truth.values()))
+        if self.total_pixels == 0:
+            raise ValueError("the oracle needs ground truth for at least one target pixel")
+        self._ledger: list[dict] = []
+        self._stage_images: list[set[str]] = []
+        self._revealed: dict[str, np.ndarray] = {}
+
+    def start_stage(self, name: str) -> None:
+        name = str(name)
+        if any(entry["stage"] == name for entry in self._ledger):
+            raise ValueError(f"labelling stage {name!r} already exists; stage names must be unique")
+        self._ledger.append({"stage": name, "queries": 0, "images": 0, "pixels": 0, "new_pixels": 0,
+                             "share": 0.0, "regions": 0})
+        self._stage_images.append(set())
+
+    def reveal(self, sample_ids: Sequence[str], masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+        sample_ids = list(sample_ids)
+        masks = [_as_numpy(m) for m in masks]
+        if len(sample_ids) != len(masks):
+            raise ValueError(f"{len(sample_ids)} sample ids but {len(masks)} masks")
+        checked = []
+        for sample_id, mask in zip(sample_ids, masks):      # check everything before answering
+            if sample_id not in self._truth:
+                raise ValueError(f"no ground truth for sample {sample_id!r}")
+            truth = np.asarray(self._truth[sample_id])
+            mask = _as_mask(mask, f"mask of {sample_id!r}")
+            if mask.shape != truth.shape:
+                raise ValueError(f"mask of {sample_id!r} is {mask.shape}, its ground truth {truth.shape}")
+            checked.append((sample_id, truth, mask))
+        if not self._ledger:
+            self.start_stage("default")
+        entry, images = self._ledger[-1], self._stage_images[-1]
+        labels = []
+        for sample_id, truth, mask in checked:
+            answer = np.full(truth.shape, IGNORE_INDEX, dtype=truth.dtype)
+            answer[mask] = truth[mask]
+            labels.append(answer)
+            seen = self._revealed.setdefault(sample_id, np.zeros(truth.shape, bool))
+            entry["pixels"] += int(mask.sum())
+            entry["new_pixels"] += int((mask & ~seen).sum())
+            entry["regions"] += connected_regions(mask)[0]
+            seen |= mask
+            images.add(sample_id)
+        entry["queries"] += 1
+        entry["images"] = len(images)
+        entry["share"] = entry["pixels"] / self.total_pixels
+        return labels
+
+    @property
+    def ledger(self) -> list[dict]:
+        """The books, one dict per stage (copies: editing them changes nothing)."""
+        return [dict(entry) for entry in self._ledger]
+
+    @property
+    def revealed_pixels(self) -> int:
+        """Distinct target pixels revealed so far, over all stages."""
+        return int(sum(int(seen.sum()) for seen in self._revealed.values()))
+
+    @property
+    def revealed_share(self) -> float:
+        """Distinct revealed pixels / all target pixels."""
+        return self.revealed_pixels / self.total_pixels

@@ -1,0 +1,305 @@
+"""LSE: the defining mechanisms of "Learning from Scale-invariant Examples" (Subhani & Ali, ECCV 2020).
+
+Self-training for domain adaptation, built on the observation that a segmenter labels a target
+image more reliably at its original scale than a zoomed-in part of it: the zoomed patch (a crop
+upsampled back to full size) gives high-entropy, often wrong predictions, so the prediction made
+on the *full* image is a good pseudo-label for the *zoomed* patch. Training on such
+"scale-invariant examples" teaches the network to label an object the same whatever its size.
+
+One round (the orchestration lives in the method; these are its parts):
+
+1. Score every target image per class (`class_confidence_scores`) and keep, per class, the share
+   p of the most confident images; the union is the round's set (`select_confident_images`).
+2. Predict each selected image at full size; its pixels whose entropy is above their predicted
+   class's threshold become IGNORE (`class_entropy_thresholds`, `select_pseudo_labels`). The
+   threshold is per class because entropy levels differ a lot between classes (road is always
+   surer than pole): a global cut would drop the rare classes first.
+3. Cut random crops of 1/scale the size, upsample them by `scale` together with the matching part
+   of the full-image pseudo-label (`scale_invariant_crop`; 4 crops per image in the reference).
+4. Train on them with cross-entropy + beta x a focal term (`lse_loss`; gamma = 3, beta = 0.1),
+   source cross-entropy kept.
+5. p grows each round (`share_schedule`: 0.1, +0.05 a round, up to 0.4 -> 7 rounds).
+
+Checked against the authors' public code (github.com/MNaseerSubhani/LSE, `LSE.py`): the p schedule
+and the stop after 0.4, gamma = 3 / beta = 0.1, the focal term computed from the per-pixel
+cross-entropy (p_t = exp(-CE)), per-class min-max normalised entropy, half-size crops (256x512 of
+512x1024) upsampled bilinearly. Where this module differs, the docstring says so.
+
+Tensors are torch; pseudo-labels are integer maps with IGNORE_INDEX (255) for "no label".
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES
+from segshift.components.losses import upsample
+
+REFERENCE_SHARE_START = 0.1
+REFERENCE_SHARE_STEP = 0.05
+REFERENCE_SHARE_MAX = 0.4
+REFERENCE_GAMMA = 3.0
+REFERENCE_BETA = 0.1
+REFERENCE_SCALE = 2.0
+REFERENCE_CROPS_PER_IMAGE = 4
+
+_EPS = 1e-9
+
+
+def _check_share(share: float, name: str = "share") -> float:
+    share = float(share)
+    if not (math.isfinite(share) and 0 < share <= 1):
+        raise ValueError(f"{name} = {share!r} must be in (0, 1]")
+    return share
+
+
+def _check_same_shape(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{names} differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+# --- 1. confident images, per class ---------------------------------------------------------------
+
+def class_confidence_scores(probs: torch.Tensor) -> torch.Tensor:
+    """(N, C) per-image, per-class confidence: the mean max-softmax over the pixels predicted as
+    that class; NaN where the image has no pixel of the class.
+
+    `probs`: (N, C, H, W) softmax. Scoring per class rather than per image is what lets a round
+    pick images that are confident *about a rare class*, not only images full of confident road.
+    """
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be (N, C, H, W), got {tuple(probs.shape)}")
+    c = probs.shape[1]
+    confidence, predicted = probs.detach().float().max(dim=1)
+    one_hot = F.one_hot(predicted.flatten(1), c).float()            # (N, HW, C)
+    counts = one_hot.sum(1)                                         # (N, C)
+    sums = (one_hot * confidence.flatten(1).unsqueeze(-1)).sum(1)   # (N, C)
+    scores = sums / counts.clamp_min(1)
+    return torch.where(counts > 0, scores, torch.full_like(scores, float("nan")))
+
+
+def select_confident_images(scores: np.ndarray | torch.Tensor, share: float) -> list[int]:
+    """Indices (sorted) of the images that are among the `share` most confident for at least one
+    class: per class c, of the n_c images where c appears (non-NaN score), the ceil(share * n_c)
+    with the highest score; then the union over classes.
+
+    Rounding up keeps at least one image for every class that appears anywhere, so a rare class is
+    never dropped from a round for being rare (the reference code floors len * p / 19, which keeps
+    no image at all for a class seen in few images; we follow the paper's "top p per class").
+    Ties are broken by the lower index, so the selection is deterministic.
+    """
+    share = _check_share(share)
+    scores = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (N, C), got shape {scores.shape}")
+    chosen: set[int] = set()
+    for c in range(scores.shape[1]):
+        present = np.flatnonzero(~np.isnan(scores[:, c]))
+        if present.size == 0:
+            continue
+        keep = math.ceil(share * present.size - _EPS)
+        order = present[np.argsort(-scores[present, c], kind="stable")]
+        chosen.update(int(i) for i in order[:keep])
+    return sorted(chosen)
+
+
+# --- 2. class-specific dynamic entropy thresholds ---------------------------------------------
+
+def normalise_entropy_per_class(entropy: torch.Tensor, predicted: torch.Tensor,
+                                num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Min-max normalise the entropy of the pixels of each predicted class to [0, 1] (a class whose
+    pixels all have the same entropy gets 0); pixels of no class (IGNORE) are left unchanged.
+
+    This is the normalisation of the reference code, applied to one image at a time there. It is a
+    monotone map inside each class, so it does not change which pixels `class_entropy_thresholds`
+    keeps when thresholds and selection use the same pixels; it makes entropy values comparable
+    across classes and images (for plots, or for thresholds carried from one image to another).
+    """
+    _check_same_shape(entropy, predicted, "entropy and predicted")
+    out = entropy.clone().float()
+    for c in range(num_classes):
+        sel = predicted == c
+        if not bool(sel.any()):
+            continue
+        values = out[sel]
+        low, high = values.min(), values.max()
+        span = high - low
+        out[sel] = (values - low) / span if float(span) > 0 else torch.zeros_like(values)
+    return out
+
+
+def class_entropy_thresholds(entropy: torch.Tensor, predicted: torch.Tensor, share_p: float,
+                             num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """Per-class entropy thresholds (num_classes,) float32: for each class c, the entropy of the
+    k-th most confident (lowest-entropy) pixel predicted as c, k = ceil(share_p * n_c). A pixel of
+    class c is kept when its entropy is <= t_c, so exactly k pixels of c are kept when entropies do
+    not tie (the kept share is share_p to within one pixel); ties at t_c are all kept.
+
+    A class with no pixel gets -inf: nothing calibrates its threshold, so nothing of it is kept
+    (conservative; only matters when thresholds are applied to other pixels than they came from).
+
+    `entropy` and `predicted` have the same shape (any: one image or a stack); `predicted` holds
+    class ids, pixels >= num_classes (IGNORE) are not counted. Dynamic: recomputed every round
+    from the current model, with the round's share p. The reference code takes, per class, the
+    mean normalised entropy of that class in the image at the selection boundary; a quantile over
+    the selected pixels controls the kept share directly, which is what p is meant to control.
+    """
+    share_p = _check_share(share_p, "share_p")
+    _check_same_shape(entropy, predicted, "entropy and predicted")
+    entropy = entropy.detach().float().flatten()
+    predicted = predicted.detach().flatten()
+    thresholds = torch.full((num_classes,), float("-inf"), dtype=torch.float32, device=entropy.device)
+    for c in range(num_classes):
+        values = entropy[predicted == c]
+        if values.numel() == 0:
+            continue
+        k = max(1, math.ceil(share_p * values.numel() - _EPS))
+        thresholds[c] = torch.kthvalue(values, k).values
+    return thresholds
+
+
+def select_pseudo_labels(predicted: torch.Tensor, entropy: torch.Tensor,
+                         thresholds: torch.Tensor) -> torch.Tensor:
+    """A copy of `predicted` (long) with IGNORE_INDEX where the pixel's entropy exceeds its
+    predicted class's threshold; pixels already IGNORE (any id >= len(thresholds)) stay IGNORE."""
+    _check_same_shape(entropy, predicted, "entropy and predicted")
+    if thresholds.dim() != 1:
+        raise ValueError(f"thresholds must be (num_classes,), got {tuple(thresholds.shape)}")
+    labels = predicted.long().clone()
+    valid = (labels >= 0) & (labels < thresholds.numel())
+    limit = thresholds.to(entropy.device, torch.float32)[labels.clamp(0, thresholds.numel() - 1)]
+    labels[~valid | (entropy.float() > limit)] = IGNORE_INDEX
+    return labels
+
+
+# --- 3. growing share over rounds -----------------------------------------------------------------
+
+def share_schedule(round: int, start: float = REFERENCE_SHARE_START, step: float = REFERENCE_SHARE_STEP,
+                   maximum: float = REFERENCE_SHARE_MAX) -> float:
+    """The per-class share p of round `round` (0-based): min(start + round * step, maximum).
+
+    Early rounds trust only the most confident images and pixels; as the model adapts, its
+    pseudo-labels improve and more of them are taken (0.1, 0.15, ..., 0.4 in the reference).
+    """
+    if isinstance(round, bool) or int(round) != round or round < 0:
+        raise ValueError(f"round = {round!r} must be an integer >= 0")
+    start = _check_share(start, "start")
+    maximum = _check_share(maximum, "maximum")
+    if not (math.isfinite(step) and step >= 0):
+        raise ValueError(f"step = {step!r} must be >= 0")
+    if maximum < start:
+        raise ValueError(f"maximum = {maximum!r} must be >= start = {start!r}")
+    value = start + int(round) * step
+    return maximum if value >= maximum - _EPS else value
+
+
+def schedule_rounds(start: float = REFERENCE_SHARE_START, step: float = REFERENCE_SHARE_STEP,
+                    maximum: float = REFERENCE_SHARE_MAX) -> int:
+    """How many rounds the schedule has before p would pass `maximum` (7 for the reference:
+    0.1, 0.15, ..., 0.4); 1 when step is 0."""
+    share_schedule(0, start, step, maximum)  # validates
+    if step == 0:
+        return 1
+    return math.floor((maximum - start) / step + _EPS) + 1
+
+
+# --- 4. scale-invariant examples ---------------------------------------------------------------
+
+class CropBox(NamedTuple):
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+class ScaleInvariantExample(NamedTuple):
+    """A zoomed-in crop of a target image, the full-image pseudo-label zoomed the same way, and the
+    crop box in the original image's pixels."""
+
+    image: torch.Tensor     # (C, H, W), the original size
+    label: torch.Tensor     # (H, W), same dtype as the pseudo-label given
+    box: CropBox
+
+
+def scale_invariant_crop(image: torch.Tensor, pseudo_label: torch.Tensor, scale: float = REFERENCE_SCALE,
+                         generator: torch.Generator | None = None,
+                         box: CropBox | tuple[int, int, int, int] | None = None) -> ScaleInvariantExample:
+    """A random crop of 1/scale the height and width of `image` (C, H, W), upsampled back to
+    (H, W), with the same crop of `pseudo_label` (H, W), the label predicted on the *full* image.
+
+    The image is upsampled bilinearly and the label with "nearest-exact", both with half-pixel
+    centres (align_corners=False), so every output label is the one of the source pixel nearest to
+    where the output image pixel was sampled: crop and label stay pixel-aligned for any scale, not
+    only integer ones. The reference code instead upsamples the softmax map bilinearly and takes its
+    argmax (with align_corners=True); nearest on the hard label gives the same alignment and keeps
+    IGNORE pixels IGNORE instead of blending them into their neighbours.
+
+    `generator` makes the box reproducible; `box` (top, left, height, width) fixes it instead
+    (its height/width must then be the crop size for this scale). A floating-point image keeps its
+    dtype, an integer one comes back as float32; the label keeps its dtype.
+    """
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale >= 1):
+        raise ValueError(f"scale = {scale!r} must be >= 1")
+    if image.dim() != 3:
+        raise ValueError(f"image must be (C, H, W), got {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    if tuple(pseudo_label.shape) != (height, width):
+        raise ValueError(f"pseudo_label {tuple(pseudo_label.shape)} does not match image size "
+                         f"{(height, width)}")
+    crop_h, crop_w = max(1, int(height / scale + _EPS)), max(1, int(width / scale + _EPS))
+    if box is None:
+        top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
+        box = CropBox(top, left, crop_h, crop_w)
+    else:
+        box = CropBox(*(int(v) for v in box))
+        if (box.height, box.width) != (crop_h, crop_w):
+            raise ValueError(f"box size {(box.height, box.width)} is not the crop size {(crop_h, crop_w)} "
+                             f"of a {(height, width)} image at scale {scale}")
+        if not (0 <= box.top <= height - crop_h and 0 <= box.left <= width - crop_w):
+            raise ValueError(f"box {tuple(box)} is outside the {(height, width)} image")
+    rows = slice(box.top, box.top + box.height)
+    cols = slice(box.left, box.left + box.width)
+    crop = image[:, rows, cols].unsqueeze(0)
+    dtype = image.dtype if image.is_floating_point() else torch.float32
+    zoomed = F.interpolate(crop.to(dtype), size=(height, width), mode="bilinear", align_corners=False)
+    label_crop = pseudo_label[rows, cols][None, None].to(torch.float32)   # exact for ids < 2**24
+    zoomed_label = F.interpolate(label_crop, size=(height, width), mode="nearest-exact")
+    return ScaleInvariantExample(zoomed[0], zoomed_label[0, 0].round().to(pseudo_label.dtype), box)
+
+
+# --- 5. the target loss ------------------------------------------------------------------------
+
+def lse_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = REFERENCE_GAMMA,
+             beta: float = REFERENCE_BETA) -> torch.Tensor:
+    """Target loss of LSE: mean over labelled pixels of  CE + beta * (1 - p_t)^gamma * CE,
+    where CE = -log p_t is the pixel's cross-entropy against its pseudo-label and p_t the softmax
+    probability of that label (p_t = exp(-CE), as the reference code computes it).
+
+    The focal term (Lin et al. 2017) adds weight to the pixels the network still gets wrong or is
+    unsure of, which are mostly those of rare classes: against class imbalance in the pseudo-labels
+    without a class-frequency table. beta scales it on top of the plain cross-entropy (the reference
+    keeps both: mean CE + beta * mean focal, gamma = 3, beta = 0.1, both means over the pixels that
+    are not IGNORE, its per-pixel CE being unreduced over those; `LSE.py`, `model/fcn8s.py`). Logits at a lower resolution
+    are upsampled bilinearly to the label size. With no labelled pixel the loss is 0 (with a
+    graph), as in `losses.labelled_cross_entropy`.
+    """
+    gamma, beta = float(gamma), float(beta)
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma = {gamma!r} must be >= 0")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta = {beta!r} must be >= 0")
+    if logits.dim() != 4 or labels.dim() != 3:
+        raise ValueError(f"expected logits (N, C, H, W) and labels (N, H, W), got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
+        logits = upsample(logits, tuple(labels.shape[-2:]))
+    ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="none")
+    focal = (1 - torch.exp(-ce)).clamp_min(0) ** gamma * ce
+    labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return (ce.sum() + beta * focal.sum()) / labelled
