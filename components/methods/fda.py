@@ -1,0 +1,201 @@
+"""FDA, Fourier Domain Adaptation (Yang & Soatto, CVPR 2020): the mechanisms, without a training loop.
+
+Why it works: in a synthetic-to-real gap much of the difference is "style" (global colour, contrast,
+illumination, sensor noise), and style lives in the low frequencies of the amplitude spectrum,
+while the semantic layout (edges, shapes) lives in the phase. Giving a source image the target's
+low-frequency amplitude, keeping the source phase, makes it look like a target image *without* a
+learned translation network and without changing what its labels describe. The network is then
+trained on these "source in target" images with the source labels, plus an entropy penalty on
+target predictions, and the models of several window sizes beta are averaged (multi-band
+transfer), whose confident predictions become pseudo-labels for a self-training round.
+
+Reference code followed (YanchaoYang/FDA on GitHub):
+
+- `utils/__init__.py`: `FDA_source_to_target` (the torch path used by `train.py`) swaps the four
+  b x b corners of the *unshifted* amplitude spectrum, b = floor(min(H, W) * beta);
+  `FDA_source_to_target_np` (the demo) fftshifts and swaps the centred (2b+1) x (2b+1) square,
+  i.e. every frequency with |k_y| <= b and |k_x| <= b. `train.py` applies it to raw 0..255 images
+  (mean subtraction comes after) and does not clip the result.
+- model `forward` / `EntropyLoss`: entropy / ln(19), then (ent**2 + 1e-8) ** ita, mean; ita = 2
+  by default (`options/train_options.py`), weight entW = 0.005.
+- `getSudoLabel_multi.py`: the three beta models' softmax maps averaged with weights
+  (0.3333, 0.3333, 0.3334); per predicted class the threshold is the confidence at index
+  round(0.66 * n) of that class's sorted confidences over the whole target set, capped at 0.9;
+  pixels below their class's threshold become ignore.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from segshift.components.data.labels import IGNORE_INDEX
+
+#: the window sizes of the paper's multi-band transfer (MBT)
+PAPER_BETAS: tuple[float, ...] = (0.01, 0.05, 0.09)
+#: FDA's `ita` for the robust entropy, and the weight `entW` of that term
+DEFAULT_ETA = 2.0
+DEFAULT_ENTROPY_WEIGHT = 0.005
+#: `getSudoLabel_multi.py`: the per-class rank of the threshold and its cap
+DEFAULT_CLASS_QUANTILE = 0.66
+DEFAULT_THRESHOLD_CAP = 0.9
+#: the squared Charbonnier epsilon of the reference code (1e-8 = 1e-4 ** 2)
+CHARBONNIER_EPS2 = 1e-8
+
+
+def check_beta(beta: float) -> float:
+    """beta must lie in (0, 0.5): 0 swaps nothing, and from 0.5 on the window would cover the whole
+    spectrum along the shorter side (the image would become the target's amplitude everywhere)."""
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 < beta < 0.5:
+        raise ValueError(f"FDA beta = {beta!r} must be a number in (0, 0.5)")
+    return float(beta)
+
+
+def window_half_size(height: int, width: int, beta: float) -> int:
+    """b = floor(min(H, W) * beta), as the reference code computes it (np.floor of the product)."""
+    return math.floor(min(height, width) * check_beta(beta))
+
+
+def low_frequency_mask(height: int, width: int, beta: float, device: torch.device | None = None) -> torch.Tensor:
+    """(H, W) bool mask, in the *unshifted* torch.fft.fft2 layout, of the frequencies FDA swaps:
+    |k_y| <= b and |k_x| <= b with b = floor(min(H, W) * beta); empty when b = 0.
+
+    For b >= 1 this is exactly the centred (2b+1)^2 square of the reference's numpy path (seen
+    without fftshift it is the four corners). The reference's torch path takes corners of side b,
+    i.e. frequencies -b..b-1, which is not symmetric under k -> -k: the swapped spectrum is then
+    not Hermitian and the real image that comes back no longer has the target's amplitude there.
+    The symmetric window keeps the result exactly real and the swap exact. For b = 0 the torch
+    path swaps nothing (empty corners), and so do we; the numpy path would swap the DC term.
+    """
+    b = window_half_size(height, width, beta)
+    if b == 0:
+        return torch.zeros(height, width, dtype=torch.bool, device=device)
+    return (_abs_frequency(height, device)[:, None] <= b) & (_abs_frequency(width, device)[None, :] <= b)
+
+
+def _abs_frequency(n: int, device: torch.device | None) -> torch.Tensor:
+    """|k| of each index of an unshifted length-n FFT: index i is frequency i or i - n."""
+    i = torch.arange(n, device=device)
+    return torch.minimum(i, n - i)
+
+
+def low_frequency_swap(source: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """The FDA image transfer: `source` with the low-frequency amplitude of `target`, source phase.
+
+    source: (N, C, H, W) float images; target: (N, C, H, W) or (1, C, H, W) (one style image for
+    the whole batch). Image i takes the style of target i, channel by channel. Apply it to images
+    on the scale the network will see *before* normalisation (the reference uses raw 0..255 and
+    subtracts the mean afterwards; the result is not clipped, values may leave the input range).
+    Returns a tensor of the source's shape, dtype and device. The FFT runs in float32 (float64
+    for float64 input), as half-precision FFTs need power-of-two sizes.
+    """
+    check_beta(beta)
+    if source.ndim != 4 or target.ndim != 4:
+        raise ValueError(f"FDA expects (N, C, H, W) images, got source {tuple(source.shape)} "
+                         f"and target {tuple(target.shape)}")
+    if target.shape[1:] != source.shape[1:] or target.shape[0] not in (1, source.shape[0]):
+        raise ValueError(f"FDA target {tuple(target.shape)} must match source {tuple(source.shape)} "
+                         "in (C, H, W) and have the same batch size or 1 (crop the target first)")
+    if not source.is_floating_point() or not target.is_floating_point():
+        raise TypeError(f"FDA expects float images, got {source.dtype} and {target.dtype}")
+    height, width = source.shape[-2:]
+    mask = low_frequency_mask(height, width, beta, device=source.device)
+    if not mask.any():
+        return source.clone()
+    work = torch.float64 if source.dtype == torch.float64 else torch.float32
+    # rfft2 keeps the columns 0..W//2; the window is Hermitian-symmetric, so that half decides it.
+    half = mask[:, : width // 2 + 1]
+    spec_src = torch.fft.rfft2(source.to(work))
+    amp_trg = torch.fft.rfft2(target.to(work)).abs().expand_as(spec_src)
+    swapped = torch.where(half, torch.polar(amp_trg, spec_src.angle()), spec_src)
+    return torch.fft.irfft2(swapped, s=(height, width)).to(source.dtype)
+
+
+def charbonnier_entropy(probs: torch.Tensor, eta: float = DEFAULT_ETA, eps2: float = CHARBONNIER_EPS2) -> torch.Tensor:
+    """FDA's robust entropy penalty on target predictions: mean over pixels of (e^2 + eps2)^eta,
+    e the per-pixel entropy of `probs` (N, C, H, W) divided by ln C (the reference divides by
+    2.9444 = ln 19), so e is in [0, 1].
+
+    Why the Charbonnier form: for eta > 0.5 it penalises high-entropy (uncertain) predictions
+    more than low-entropy ones (the paper's argument; eta = 2 in the code), so the target term
+    acts mostly where the network hesitates instead of sharpening what it already predicts.
+    eps2 = 1e-8 is the code's constant (the paper writes 0.001^2).
+    """
+    if eta <= 0:
+        raise ValueError(f"Charbonnier entropy eta = {eta} must be > 0")
+    if probs.ndim != 4 or probs.shape[1] < 2:
+        raise ValueError(f"expected (N, C, H, W) probabilities with C >= 2, got {tuple(probs.shape)}")
+    p = probs if probs.dtype == torch.float64 else probs.float()
+    ent = -(p * torch.log(p.clamp_min(1e-30))).sum(1) / math.log(p.shape[1])
+    return ((ent ** 2 + eps2) ** eta).mean()
+
+
+def multi_band_ensemble(prob_maps: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Multi-band transfer: the (weighted) mean of the softmax probabilities of models trained
+    with different beta (the paper: 0.01, 0.05, 0.09). Each band's model errs differently (small
+    windows keep more source style, large ones add more artefacts), so the average is better than
+    any one of them (the paper: 50.45 mIoU on GTA5 -> Cityscapes with DeepLab-v2). Probabilities
+    are averaged, not logits. Default weights are equal, as the reference's
+    (0.3333, 0.3333, 0.3334). All maps must have the same shape (upsample them first)."""
+    maps = list(prob_maps)
+    if not maps:
+        raise ValueError("multi-band ensemble needs at least one probability map")
+    shapes = {tuple(m.shape) for m in maps}
+    if len(shapes) != 1:
+        raise ValueError(f"multi-band ensemble maps differ in shape: {sorted(shapes)}")
+    if weights is None:
+        weights = [1.0 / len(maps)] * len(maps)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(maps) or any(w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, abs_tol=1e-3):
+        raise ValueError(f"ensemble weights {weights} must be {len(maps)} non-negative numbers summing to 1")
+    return sum(w * m.float() for w, m in zip(weights, maps))
+
+
+def class_thresholds(labels: torch.Tensor, confidence: torch.Tensor, num_classes: int,
+                     quantile: float = DEFAULT_CLASS_QUANTILE,
+                     cap: float = DEFAULT_THRESHOLD_CAP) -> torch.Tensor:
+    """Per predicted class c, the confidence of rank round(quantile * n_c) in the ascending sorted
+    confidences of its n_c pixels, capped at `cap`; 0 for a class never predicted (float32, (C,)).
+
+    Why per class: one global cut keeps only the easy, dominant classes; a per-class rank keeps
+    the top share of *every* class, and the cap stops frequent, very confident classes (road,
+    sky) from discarding their moderately confident pixels. round() is half-to-even, like the
+    reference's np.round. Pass the predictions of the whole target set (the reference thresholds
+    over all images at once): thresholds from one batch are noisier.
+    """
+    if not 0 <= quantile <= 1:
+        raise ValueError(f"class threshold quantile = {quantile} must be in [0, 1]")
+    if labels.shape != confidence.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and confidence {tuple(confidence.shape)} differ")
+    thresholds = torch.zeros(num_classes, dtype=torch.float32)
+    flat_labels, flat_conf = labels.reshape(-1), confidence.reshape(-1).float()
+    for c in range(num_classes):
+        values = flat_conf[flat_labels == c]
+        if values.numel():
+            values = values.sort().values
+            index = min(round(values.numel() * quantile), values.numel() - 1)
+            thresholds[c] = values[index].cpu()
+    return thresholds.clamp_max(cap)
+
+
+def apply_class_thresholds(labels: torch.Tensor, confidence: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """A copy of `labels` (int) whose pixels with confidence < their class's threshold (and any
+    label outside the thresholds' classes) are IGNORE_INDEX."""
+    thresholds = thresholds.to(confidence.device, torch.float32)
+    valid = (labels >= 0) & (labels < thresholds.numel())
+    keep = valid & (confidence.float() >= thresholds[labels.clamp(0, thresholds.numel() - 1)])
+    return torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))
+
+
+def ensemble_pseudo_labels(prob_maps: Sequence[torch.Tensor], quantile: float = DEFAULT_CLASS_QUANTILE,
+                           cap: float = DEFAULT_THRESHOLD_CAP) -> tuple[torch.Tensor, torch.Tensor]:
+    """FDA's self-training labels from the multi-band ensemble of (N, C, H, W) probability maps:
+    argmax of the averaged map, with pixels below their class's threshold (`class_thresholds`,
+    computed over all N images given) set to IGNORE_INDEX. Returns (labels (N, H, W) int64,
+    thresholds (C,))."""
+    mean = multi_band_ensemble(prob_maps)
+    confidence, labels = mean.max(1)
+    thresholds = class_thresholds(labels, confidence, mean.shape[1], quantile, cap)
+    return apply_class_thresholds(labels, confidence, thresholds), thresholds
