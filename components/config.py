@@ -184,14 +184,39 @@ class DiscriminatorConfig(_Strict):
     optimizer: OptimizerConfig         # reference: adam, lr 1e-4, betas (0.9, 0.99)
 
 
-AdaptationMethod = Literal["advent", "minent", "adaptsegnet"]
+AdaptationMethod = Literal["advent", "minent", "adaptsegnet", "dacs", "fda"]
+
+
+class DacsConfig(_Strict):
+    """`method: dacs` (Tranheden et al. 2021): ClassMix onto target images pseudo-labelled by an EMA teacher."""
+
+    ema_alpha: float = Field(ge=0, le=1)                  # teacher momentum (ref. 0.99)
+    confidence_threshold: float = Field(gt=0, lt=1)       # confident teacher pixels (ref. 0.968)
+    mixed_weight: float = Field(ge=0)                     # weight of the mixed-image loss (ref. 1)
+
+
+class FdaConfig(_Strict):
+    """`method: fda` (Yang & Soatto 2020): source images in target style by a low-frequency amplitude swap."""
+
+    beta: float = Field(gt=0, lt=0.5)                     # window: b = floor(min(H, W) * beta) (ref. 0.01)
+    entropy_weight: float = Field(ge=0)                   # Charbonnier entropy on target (ref. 0.005)
+    eta: float = Field(gt=0)                              # its robust exponent (ref. 2)
+    entropy_start: int = Field(ge=0)                      # step the entropy term starts (ref. 1/3 of training)
+
+
+class MethodsConfig(_Strict):
+    """Settings of the methods a stage's `method:` may name (shared by every stage that uses them)."""
+
+    dacs: DacsConfig
+    fda: FdaConfig
 
 
 class AdaptationStageConfig(_Strict):
     """A stage with labelled and unlabelled images: `inter` (source -> target train) and `intra`
     (easy target split with pseudo-labels -> hard target split)."""
 
-    # advent: discriminators on entropy maps; adaptsegnet: on softmax maps; minent: target entropy.
+    # advent: discriminators on entropy maps; adaptsegnet: on softmax maps; minent: target entropy;
+    # dacs: ClassMix with an EMA teacher; fda: Fourier style transfer + entropy (see `methods:`).
     method: AdaptationMethod
     # Initial weights: a previous stage's model (inter: source; intra: inter), the ImageNet backbone
     # of model.pretrained, or scratch.
@@ -350,6 +375,7 @@ class Params(_Strict):
     rank: RankConfig
     intra: AdaptationStageConfig
     evaluate: EvaluateConfig
+    methods: MethodsConfig
     seeds: SeedsConfig
     sweep: SweepConfig
     paths: PathsConfig
@@ -369,7 +395,7 @@ class Params(_Strict):
                 raise ValueError(f"{stage}.init is 'imagenet' but model.pretrained is null; "
                                  "set it to a torchvision ResNet weights file or s3:// URI")
             aux = cfg.entropy_weight_aux if cfg.method == "minent" else cfg.adv_weight_aux
-            if aux > 0 and not self.model.aux_head:
+            if cfg.method in ("advent", "adaptsegnet", "minent") and aux > 0 and not self.model.aux_head:
                 key = "entropy_weight_aux" if cfg.method == "minent" else "adv_weight_aux"
                 raise ValueError(f"{stage}.{key} = {aux} adapts a second output level, but "
                                  "model.aux_head is false (one output); set it to 0 or enable the head")

@@ -184,6 +184,27 @@ def bench_stages(params_path: str) -> list[dict]:
             for stage, run in sorted(stages.items(), key=lambda kv: kv[1].info.start_time)]
 
 
+def bench_sweep(params_path: str, schedulers: list[str]) -> list[dict]:
+    """The project's sweep once per scheduler (same space, seed and trial count, fresh each time):
+    wall time, intra steps run and the best trial, to weigh ASHA's savings against its result."""
+    from segshift.components.config import load_params
+    from segshift.pipelines.sweep import run_sweep
+    params = load_params(params_path)
+    rows = []
+    for name in schedulers:
+        cfg = params.sweep.model_copy(update={
+            "name": f"bench-{name}", "scheduler": params.sweep.scheduler.model_copy(update={"name": name})})
+        summary = run_sweep(params.model_copy(update={"sweep": cfg}), Path.cwd(), fresh=True, progress=False)
+        rows.append({"benchmark": "sweep", "scheduler": name, "trials": summary["trials"],
+                     "concurrent": cfg.max_concurrent_trials, "stopped": summary["stopped"],
+                     "seconds": summary["seconds"], "steps_run": summary["steps_run"],
+                     "steps_budget": summary["steps_budget"],
+                     "best_val_miou": round(summary["best"]["val_miou"], 4),
+                     "best_test_miou": round(summary["best"]["test"]["miou"], 4),
+                     "best_config": summary["best"]["config"]})
+    return rows
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
     results = {"machine": machine_description(), "results": []}
@@ -199,15 +220,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         results["results"] += bench_rank(args.params, args.actors)
     if args.what == "stages":
         results["results"] += bench_stages(args.params)
+    if args.what == "sweep":
+        results["results"] += bench_sweep(args.params, args.schedulers)
     print(json.dumps(results, indent=2))
     return 0
 
 
 def build_bench_parser(sub) -> None:
     parser = sub.add_parser("bench", help="measure throughput (see BENCHMARKS.md)")
-    parser.add_argument("what", choices=["generate", "ingest", "train", "rank", "stages", "all"], nargs="?",
-                        default="all", help="all = generate, ingest, train; rank and stages read the "
-                        "project's pipeline outputs (run `dvc repro` first)")
+    parser.add_argument("what", choices=["generate", "ingest", "train", "rank", "stages", "sweep", "all"],
+                        nargs="?", default="all", help="all = generate, ingest, train; rank, stages and "
+                        "sweep use the project's pipeline outputs (run `dvc repro` first)")
     parser.add_argument("--count", type=int, default=400, help="generated images per run")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
@@ -215,5 +238,7 @@ def build_bench_parser(sub) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per case")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="rank: actor pool sizes")
-    parser.add_argument("--params", default="params.yaml", help="rank, stages: the project's params")
+    parser.add_argument("--params", default="params.yaml", help="rank, stages, sweep: the project's params")
+    parser.add_argument("--schedulers", nargs="+", default=["asha", "fifo"], choices=["asha", "fifo"],
+                        help="sweep: run the project's sweep once with each (as sweeps/bench-<name>)")
     parser.set_defaults(func=_cmd_bench)

@@ -348,6 +348,15 @@ def discard_previous(params: Params, project_dir: Path, directory: Path) -> None
     shutil.rmtree(directory / "trials", ignore_errors=True)
 
 
+def check_complete(results, params: Params) -> None:
+    """Tune returns normally after Ctrl-C, with its state saved and some trials unfinished: that is
+    an interruption to resume, not a sweep to report on."""
+    ended = results.num_terminated + results.num_errors
+    if ended < max(len(results), params.sweep.num_samples):
+        raise KeyboardInterrupt(f"{ended} of {params.sweep.num_samples} trials of sweep '{params.sweep.name}' "
+                                "ended; continue with `segshift sweep --resume`")
+
+
 def trial_rows(results, params: Params) -> list[dict]:
     """One row per trial: its values, best val mIoU (any report), steps run and state."""
     rows = []
@@ -446,6 +455,7 @@ def run_sweep(params: Params, project_dir: Path, resume: bool = False, fresh: bo
     try:
         tuner = make_tuner(params, ctx, resume)
         results = tuner.fit()
+        check_complete(results, params)
         rows = trial_rows(results, params)
         close_trial_runs(ctx, rows)
         finite = [r for r in rows if math.isfinite(r[METRIC])]

@@ -35,6 +35,8 @@ from segshift.components.engine.loop import Runtime, Trainer, resolve_device
 from segshift.components.evaluation import evaluate, validation_metrics
 from segshift.components.io import atomic_write_text, resolve_under
 from segshift.components.methods.advent import OutputSpaceAdaptation
+from segshift.components.methods.dacs import DACS
+from segshift.components.methods.fda import FDA
 from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model, check_checkpoint_compatible
 from segshift.components.ranking import (RANKING_NAME, check_ranking_matches, pseudo_label_paths,
@@ -225,10 +227,16 @@ def initial_model(job: StageJob) -> torch.nn.Module:
 
 
 def build_method(job: StageJob, model: torch.nn.Module):
-    cfg = stage_config(job.config, job.stage)
-    if isinstance(cfg, AdaptationStageConfig):
-        return OutputSpaceAdaptation(model, cfg)
-    return Supervised(model, cfg)
+    """The stage's `method:` over its network (one file per method under components/methods/)."""
+    params = job.config
+    cfg = stage_config(params, job.stage)
+    if not isinstance(cfg, AdaptationStageConfig):
+        return Supervised(model, cfg)
+    if cfg.method == "dacs":
+        return DACS(model, cfg, params.methods.dacs, seed=params.engine.seed)
+    if cfg.method == "fda":
+        return FDA(model, cfg, params.methods.fda)
+    return OutputSpaceAdaptation(model, cfg)
 
 
 def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float], int], None],

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
 
 #: the reference's teacher momentum and confidence threshold
 DEFAULT_EMA_ALPHA = 0.99
@@ -149,3 +150,65 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float = DEFAULT_EM
         for t, s in zip(t_bufs, s_bufs):
             t.copy_(s)
     return a
+
+
+class DACS(Method):
+    """One DACS step (roles: `labelled` = source with labels, `unlabelled` = target).
+
+    1. Source: cross-entropy on the labelled batch (main + `aux_weight` x aux), as `Supervised`.
+    2. Teacher (EMA of the student, no gradients, eval mode) on the target batch: pseudo-labels =
+       its argmax, weight of each image = its share of pixels at or above `confidence_threshold`.
+    3. ClassMix: half the classes of each source image pasted onto a target image; the student
+       learns the mixed image against the mixed labels, weighted per pixel (1 on pasted source
+       pixels, the image's confidence weight elsewhere): `mixed_weight` x that loss.
+    The teacher follows the student at the start of each step, i.e. after the engine's previous
+    optimiser step (`ema_alpha(step - 1)`), which is the reference's update shifted by one call.
+    ClassMix randomness comes from (`seed`, step): a resumed run mixes as an uninterrupted one.
+    """
+
+    roles = ("labelled", "unlabelled")
+
+    def __init__(self, model: nn.Module, stage_cfg, dacs_cfg, seed: int):
+        import copy
+        from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
+        super().__init__()
+        self.cfg, self.dacs, self.seed = stage_cfg, dacs_cfg, seed
+        self.modules["model"] = model
+        teacher = copy.deepcopy(model)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.modules["teacher"] = teacher
+        groups = segmentation_param_groups(model, stage_cfg.optimizer.lr, stage_cfg.optimizer.head_lr_mult)
+        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, stage_cfg.optimizer), stage_cfg.optimizer)
+
+    def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
+        from segshift.components.engine.loop import unwrap
+        from segshift.components.losses import segmentation_loss
+        model, teacher = self.modules["model"], unwrap(self.modules["teacher"])
+        if step > 0:
+            ema_update(teacher, unwrap(model), self.dacs.ema_alpha, step=step - 1)
+        images, labels = batch["labelled"]
+        target_images, _ = batch["unlabelled"]
+        if images.shape[-2:] != target_images.shape[-2:]:
+            raise ValueError(f"DACS mixes source {tuple(images.shape[-2:])} and target "
+                             f"{tuple(target_images.shape[-2:])} images of different sizes; set the "
+                             "stage's crop so both domains are cut to one size")
+        logs = segmentation_loss(model(images), labels, self.cfg.aux_weight)
+        backward(logs["loss"])      # one backward per forward pass, as DDP expects
+
+        teacher.eval()
+        with torch.no_grad():
+            probs = F.interpolate(teacher(target_images).main.float(), size=target_images.shape[-2:],
+                                  mode="bilinear", align_corners=False).softmax(1)
+        weight = confidence_weight(probs, self.dacs.confidence_threshold)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        mask = classmix_mask(labels.cpu(), generator).to(labels.device)
+        mixed_images = mix(mask, images, target_images)
+        mixed_labels = mix(mask, labels, probs.argmax(1))
+        mixed = weighted_cross_entropy(model(mixed_images).main, mixed_labels,
+                                       mixed_pixel_weight(mask, weight))
+        backward(self.dacs.mixed_weight * mixed)
+        logs.update({"mixed": mixed, "confident_share": weight.mean(),
+                     "pasted_share": mask.float().mean()})
+        logs["loss"] = logs["loss"] + self.dacs.mixed_weight * mixed
+        return {name: value.detach() for name, value in logs.items()}

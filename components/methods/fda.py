@@ -30,8 +30,11 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
 
 #: the window sizes of the paper's multi-band transfer (MBT)
 PAPER_BETAS: tuple[float, ...] = (0.01, 0.05, 0.09)
@@ -199,3 +202,62 @@ def ensemble_pseudo_labels(prob_maps: Sequence[torch.Tensor], quantile: float = 
     confidence, labels = mean.max(1)
     thresholds = class_thresholds(labels, confidence, mean.shape[1], quantile, cap)
     return apply_class_thresholds(labels, confidence, thresholds), thresholds
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (N, 3, H, W) tensors back to the 0..255 scale FDA swaps spectra on."""
+    mean = torch.as_tensor(IMAGENET_MEAN, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, device=images.device).view(1, -1, 1, 1)
+    return (images * std + mean) * 255.0
+
+
+def from_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    mean = torch.as_tensor(IMAGENET_MEAN, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels / 255.0 - mean) / std
+
+
+class FDA(Method):
+    """One FDA step (roles: `labelled` = source with labels, `unlabelled` = target).
+
+    1. Source in target style: each source image gets its target partner's low-frequency
+       amplitude (window `beta`, on the 0..255 scale as the reference, then normalised again).
+    2. Cross-entropy of the stylised source batch against the source labels (main + aux).
+    3. From step `entropy_start` on: `entropy_weight` x the Charbonnier entropy (`eta`) of the
+       target predictions (the reference switches it on after a third of training).
+    A model per beta of `PAPER_BETAS`, averaged by `multi_band_ensemble`, gives the pseudo-labels
+    of FDA's self-training round.
+    """
+
+    roles = ("labelled", "unlabelled")
+
+    def __init__(self, model: nn.Module, stage_cfg, fda_cfg):
+        from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
+        super().__init__()
+        self.cfg, self.fda = stage_cfg, fda_cfg
+        check_beta(fda_cfg.beta)
+        self.modules["model"] = model
+        groups = segmentation_param_groups(model, stage_cfg.optimizer.lr, stage_cfg.optimizer.head_lr_mult)
+        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, stage_cfg.optimizer), stage_cfg.optimizer)
+
+    def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
+        from segshift.components.losses import segmentation_loss, upsample
+        model = self.modules["model"]
+        images, labels = batch["labelled"]
+        target_images, _ = batch["unlabelled"]
+        if images.shape[-2:] != target_images.shape[-2:]:
+            raise ValueError(f"FDA swaps spectra of source {tuple(images.shape[-2:])} and target "
+                             f"{tuple(target_images.shape[-2:])} images of different sizes; set the "
+                             "stage's crop so both domains are cut to one size")
+        partners = target_images[torch.arange(images.shape[0]) % target_images.shape[0]]
+        stylised = from_pixels(low_frequency_swap(to_pixels(images.float()), to_pixels(partners.float()),
+                                                  self.fda.beta)).to(images.dtype)
+        logs = segmentation_loss(model(stylised), labels, self.cfg.aux_weight)
+        backward(logs["loss"])
+        if step >= self.fda.entropy_start and self.fda.entropy_weight > 0:
+            probs = upsample(model(target_images).main, tuple(target_images.shape[-2:])).float().softmax(1)
+            entropy = charbonnier_entropy(probs, self.fda.eta)
+            backward(self.fda.entropy_weight * entropy)
+            logs["entropy"] = entropy
+            logs["loss"] = logs["loss"] + self.fda.entropy_weight * entropy
+        return {name: value.detach() for name, value in logs.items()}

@@ -1,0 +1,113 @@
+"""DACS and FDA as training methods: what one step trains on, what it logs, and bad input."""
+import pytest
+import torch
+
+from segshift.components.config import ConfigError, load_params
+from segshift.components.methods.dacs import DACS
+from segshift.components.methods.fda import FDA, from_pixels, low_frequency_mask, to_pixels
+from segshift.components.models.factory import build_model
+from tests.conftest import write_params
+
+
+def _params(tmp_path, **overrides):
+    return load_params(write_params(tmp_path), {"model.width": 0.125, **overrides})
+
+
+def _batch(n: int = 2, size=(32, 64), target_size=None):
+    torch.manual_seed(1)
+    labels = torch.zeros(n, *size, dtype=torch.long)
+    labels[:, : size[0] // 2] = 0
+    labels[:, size[0] // 2:] = 2
+    labels[:, :, : size[1] // 4] = 11
+    labels[0, 0, 0] = 255
+    return {"labelled": (torch.randn(n, 3, *size), labels),
+            "unlabelled": (torch.randn(n, 3, *(target_size or size)), torch.empty(0))}
+
+
+def _step(method, batch, step):
+    calls = []
+
+    def backward(loss):
+        calls.append(loss.detach())
+        loss.backward()
+    logs = method.training_step(batch, step, backward)
+    return logs, calls
+
+
+def test_dacs_step_trains_on_source_and_mixed_images_and_the_teacher_follows(tmp_path):
+    params = _params(tmp_path, **{"inter.method": "dacs"})
+    torch.manual_seed(0)
+    method = DACS(build_model(params.model), params.inter, params.methods.dacs, seed=0)
+    student, teacher = method.modules["model"], method.modules["teacher"]
+    assert not any(p.requires_grad for p in teacher.parameters())
+    logs, calls = _step(method, _batch(), step=0)
+    assert len(calls) == 2 and {"loss", "seg_main", "mixed", "confident_share", "pasted_share"} <= set(logs)
+    assert 0 <= logs["confident_share"] <= 1 and 0 < logs["pasted_share"] < 1
+    assert logs["loss"] == pytest.approx((logs["seg_main"] + params.inter.aux_weight * logs["seg_aux0"]
+                                          + logs["mixed"]).item(), rel=1e-5)
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    with torch.no_grad():                      # an optimiser step moves the student away
+        for p in student.parameters():
+            p.add_(0.01)
+    _step(method, _batch(), step=1)            # alpha(0) = 0: the teacher becomes the student
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        assert torch.equal(t, s)
+    before = [t.clone() for t in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01)
+    _step(method, _batch(), step=2)            # alpha(1) = 0.5
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.5 * b + 0.5 * s, atol=1e-6)
+
+
+def test_dacs_mixing_is_reproducible_per_step(tmp_path):
+    params = _params(tmp_path, **{"inter.method": "dacs"})
+    shares = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        method = DACS(build_model(params.model), params.inter, params.methods.dacs, seed=3)
+        shares.append(_step(method, _batch(), step=5)[0]["pasted_share"].item())
+    assert shares[0] == shares[1]
+
+
+@pytest.mark.parametrize("cls,method", [(DACS, "dacs"), (FDA, "fda")])
+def test_domains_of_different_sizes_are_refused_with_a_hint(tmp_path, cls, method):
+    params = _params(tmp_path, **{"inter.method": method})
+    cfg = getattr(params.methods, method)
+    m = cls(build_model(params.model), params.inter, cfg, seed=0) if cls is DACS else cls(build_model(params.model), params.inter, cfg)
+    with pytest.raises(ValueError, match=r"different sizes; set the stage's crop"):
+        _step(m, _batch(target_size=(32, 48)), step=0)
+
+
+def test_fda_trains_on_source_images_carrying_the_target_low_frequency_amplitude(tmp_path):
+    params = _params(tmp_path, **{"inter.method": "fda", "methods.fda.beta": 0.1,
+                                  "methods.fda.entropy_start": 1})
+    torch.manual_seed(0)
+    method = FDA(build_model(params.model), params.inter, params.methods.fda)
+    seen = []
+    method.modules["model"].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    batch = _batch()
+    logs, calls = _step(method, batch, step=0)
+    assert len(calls) == 1 and "entropy" not in logs          # before entropy_start
+    stylised = to_pixels(seen[0].double())
+    source, target = to_pixels(batch["labelled"][0].double()), to_pixels(batch["unlabelled"][0].double())
+    window = low_frequency_mask(32, 64, 0.1)
+    spectrum, src, trg = (torch.fft.fft2(x) for x in (stylised, source, target))
+    assert torch.allclose(spectrum.abs()[..., window], trg.abs()[..., window], rtol=1e-3, atol=1e-2)
+    assert torch.allclose(spectrum[..., ~window], src[..., ~window], rtol=1e-3, atol=1e-2)
+    logs, calls = _step(method, batch, step=1)
+    assert len(calls) == 2 and 0 < logs["entropy"] <= 1
+    assert logs["loss"] == pytest.approx((logs["seg_main"] + params.inter.aux_weight * logs["seg_aux0"]
+                                          + 0.005 * logs["entropy"]).item(), rel=1e-5)
+
+
+def test_pixel_scale_round_trip():
+    x = torch.randn(2, 3, 4, 5)
+    assert torch.allclose(from_pixels(to_pixels(x)), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.7, -0.1])
+def test_fda_beta_outside_the_open_interval_is_a_config_error(tmp_path, beta):
+    with pytest.raises(ConfigError, match="methods.fda.beta"):
+        _params(tmp_path, **{"methods.fda.beta": beta})
