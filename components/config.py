@@ -165,6 +165,28 @@ class EngineConfig(_Strict):
     workers: WorkersConfig
 
 
+class AugmentConfig(_Strict):
+    """Photometric and scale augmentation of a stage's training images (crop and flip are the
+    stage's own `crop`/`flip`); labels are only resized (nearest), cropped and flipped."""
+
+    scale: tuple[float, float]          # resize factor drawn from [low, high]
+    brightness: float = Field(ge=0)     # factors drawn from [1 - x, 1 + x]
+    contrast: float = Field(ge=0)
+    saturation: float = Field(ge=0)
+    hue: float = Field(ge=0, le=0.5)    # shift drawn from [-hue, hue] turns of the colour circle
+    jitter_p: float = Field(ge=0, le=1)  # probability of the colour jitter
+    blur_p: float = Field(ge=0, le=1)   # probability of a Gaussian blur
+    blur_sigma: tuple[float, float]     # its sigma range, pixels
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AugmentConfig":
+        for name in ("scale", "blur_sigma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} = [{low}, {high}] must satisfy 0 < low <= high")
+        return self
+
+
 class SupervisedStageConfig(_Strict):
     """A stage trained with labels only: `source` (source labels) or `oracle` (target labels)."""
 
@@ -174,6 +196,7 @@ class SupervisedStageConfig(_Strict):
     aux_weight: float = Field(ge=0)    # loss = main + aux_weight * aux (reference: 0.1)
     crop: tuple[int, int] | None       # random crop [height, width]; null = whole image
     flip: bool                         # random horizontal flip
+    augment: AugmentConfig | None      # scale, colour jitter, blur; null = crop and flip only
     optimizer: OptimizerConfig
 
 
@@ -227,6 +250,7 @@ class AdaptationStageConfig(_Strict):
     aux_weight: float = Field(ge=0)    # segmentation loss = main + aux_weight * aux
     crop: tuple[int, int] | None
     flip: bool
+    augment: AugmentConfig | None
     adv_weight_main: float = Field(ge=0)      # advent/adaptsegnet: lambda_adv (ref. 0.001)
     adv_weight_aux: float = Field(ge=0)       # lambda_adv of the auxiliary level (ref. 0.0002)
     entropy_weight_main: float = Field(ge=0)  # minent: lambda_ent (ref. 0.001)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from segshift.components.config import (AdaptationStageConfig, Params, SupervisedStageConfig,
                                         load_params)
+from segshift.components.data.augment import AugmentationSpec
 from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.data.manifest import MANIFEST_NAME
@@ -122,7 +123,9 @@ def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSpli
     params, stage = job.config, job.stage
     cfg = stage_config(params, stage)
     prepared = job.prepared
-    aug = {"cache": cache, "crop": tuple(cfg.crop) if cfg.crop else None, "flip": cfg.flip}
+    crop = tuple(cfg.crop) if cfg.crop else None
+    augmentation = AugmentationSpec.from_config(cfg.augment, crop, cfg.flip) if cfg.augment else None
+    aug = {"cache": cache, "crop": crop, "flip": cfg.flip, "augmentation": augmentation}
     if stage == "intra":
         table = read_ranking(ranking_dir(job))
         easy, hard = ranked_splits(table)

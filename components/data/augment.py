@@ -75,6 +75,13 @@ class AugmentationSpec:
             raise TypeError(f"augmentation flip = {self.flip!r} must be true or false")
 
     @classmethod
+    def from_config(cls, cfg, crop: tuple[int, int] | None, flip: bool) -> AugmentationSpec:
+        """The spec of a stage's `augment` block (an AugmentConfig) with the stage's crop and flip."""
+        return cls(scale=tuple(cfg.scale), crop=tuple(crop) if crop else None, flip=flip,
+                   brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation,
+                   hue=cfg.hue, jitter_p=cfg.jitter_p, blur_p=cfg.blur_p, blur_sigma=tuple(cfg.blur_sigma))
+
+    @classmethod
     def identity(cls) -> AugmentationSpec:
         """A spec that returns its input unchanged."""
         return cls(scale=(1.0, 1.0), crop=None, flip=False, brightness=0.0, contrast=0.0,

@@ -64,7 +64,8 @@ class PreparedSplit(Dataset):
     """One split of a prepared domain.
 
     Index with an int for the plain sample, or with `(index, seed)` for a randomly cropped and
-    flipped one whose randomness comes only from `seed` (so any worker reproduces it).
+    flipped one (and, with `augmentation`, scaled, colour-jittered and blurred) whose randomness
+    comes only from `seed` (so any worker reproduces it).
 
     `ids` keeps only those samples, in that order; `label_paths` (sample id -> absolute path)
     replaces their labels, e.g. with pseudo-labels.
@@ -73,7 +74,7 @@ class PreparedSplit(Dataset):
     def __init__(self, prepared_dir: str | Path, split: str, need_labels: bool = True,
                  cache: bool = False, crop: tuple[int, int] | None = None, flip: bool = False,
                  per_image_norm: bool = False, ids: list[str] | None = None,
-                 label_paths: dict[str, Path] | None = None):
+                 label_paths: dict[str, Path] | None = None, augmentation=None):
         self.root = Path(prepared_dir)
         table = read_manifest(self.root)
         rows = [r for r in table.to_pylist() if r["split"] == split]
@@ -88,6 +89,7 @@ class PreparedSplit(Dataset):
             raise ManifestError(f"{self.root}: split '{split}' has unlabelled samples")
         self.rows, self.split, self.need_labels = rows, split, need_labels
         self.crop, self.flip, self.per_image_norm = crop, flip, per_image_norm
+        self.augmentation = augmentation   # an AugmentationSpec (scale, jitter, blur), or None
         self._cache: list[tuple[np.ndarray, np.ndarray | None]] | None = None
         if cache:
             self._cache = [self._load(i) for i in range(len(rows))]
@@ -107,7 +109,10 @@ class PreparedSplit(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self._cache[index] if self._cache is not None else self._load(index)
-        if seed is not None:
+        if seed is not None and self.augmentation is not None:
+            from segshift.components.data.augment import augment
+            image, label = augment(image, label, self.augmentation, np.random.default_rng(seed))
+        elif seed is not None:
             image, label = random_crop_flip(image, label, self.crop, self.flip,
                                             np.random.default_rng(seed))
         target = torch.from_numpy(label.astype(np.int64)) if label is not None else torch.empty(0)

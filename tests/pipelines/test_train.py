@@ -108,3 +108,33 @@ def test_a_model_of_another_width_or_class_count_is_refused_naming_the_file(proj
     torch.save(state, project / "sixteen.pt")
     with pytest.raises(ModelError, match="16 classes"):
         load_stage_model(project / "sixteen.pt", load_params(write_params(project, FAST)))
+
+
+AUGMENT = {"scale": [0.75, 1.25], "brightness": 0.25, "contrast": 0.25, "saturation": 0.25, "hue": 0.05,
+           "jitter_p": 0.8, "blur_p": 0.5, "blur_sigma": [0.15, 1.15]}
+
+
+def test_source_augmentation_feeds_augmented_samples_and_trains(project, monkeypatch):
+    import numpy as np
+
+    from segshift.components.data.augment import AugmentationSpec, augment
+    from segshift.components.data.dataset import read_label, read_rgb
+    from segshift.pipelines.train import StageJob, stage_datasets
+    monkeypatch.chdir(project)
+    overrides = {"source.augment": AUGMENT, "source.crop": [32, 64]}
+    params = load_params(write_params(project, {**FAST, **overrides}))
+    job = StageJob(params=params.model_dump(mode="json"), stage="source", project_dir=str(project))
+    train = stage_datasets(job)["labelled"]
+    assert train.augmentation == AugmentationSpec.from_config(params.source.augment, (32, 64), True)
+    image, label = train[(0, 7)]
+    row = train.rows[0]
+    expected_image, expected_label = augment(read_rgb(train.root / row["image"]), read_label(train.root / row["label"]),
+                                             train.augmentation, np.random.default_rng(7))
+    assert image.shape == (3, 32, 64) and torch.equal(label, torch.from_numpy(expected_label.astype(np.int64)))
+    assert torch.allclose(image, train[(0, 7)][0]) and not torch.allclose(image, train[(0, 8)][0])
+    assert run(project, "--stage", "source", overrides=overrides) == 0
+
+
+def test_an_inverted_augmentation_range_is_a_config_error(project, capsys):
+    assert run(project, "--stage", "source", overrides={"source.augment": {**AUGMENT, "scale": [1.25, 0.75]}}) == 2
+    assert "source.augment" in capsys.readouterr().err
