@@ -227,11 +227,42 @@ class FdaConfig(_Strict):
     entropy_start: int = Field(ge=0)                      # step the entropy term starts (ref. 1/3 of training)
 
 
+class LseConfig(_Strict):
+    """LSE (Subhani & Ali 2020): self-training rounds on scale-invariant crops of confident images."""
+
+    share_start: float = Field(gt=0, le=1)   # p, the per-class share of images kept, in round 1 (ref. 0.1)
+    share_step: float = Field(ge=0, le=1)    # + per round (ref. 0.05)
+    share_max: float = Field(gt=0, le=1)     # last round's p (ref. 0.4: 7 rounds)
+    scale: float = Field(ge=1)               # crops of 1/scale the size, upsampled x scale (ref. 2)
+    crops_per_image: int = Field(ge=1)       # (ref. 4)
+    gamma: float = Field(ge=0)               # focal exponent (ref. 3)
+    beta: float = Field(ge=0)                # focal term weight (ref. 0.1)
+    target_weight: float = Field(ge=0)       # target loss x this, next to the source loss (ref. 1)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "LseConfig":
+        if self.share_max < self.share_start:
+            raise ValueError(f"share_max = {self.share_max} is below share_start = {self.share_start}")
+        return self
+
+
+class LaborConfig(_Strict):
+    """LabOR (Shin et al. 2021): an annotator labels only the pixels two classifier heads disagree on."""
+
+    selection: Literal["spl", "ppl"]         # segment-based (whole inconsistent regions) or point-based
+    label_budget: float = Field(gt=0, le=1)  # most target pixels labelled over all stages (share, 0-1]
+    points_per_image: int = Field(ge=1)      # ppl: labelled points per image and stage (ref. 40)
+    stages: int = Field(ge=1)                # human-in-the-loop rounds (ref. 3)
+    discrepancy_weight: float = Field(ge=0)  # MCD: heads maximise, backbone minimises the L1 discrepancy
+
+
 class MethodsConfig(_Strict):
     """Settings of the methods a stage's `method:` may name (shared by every stage that uses them)."""
 
     dacs: DacsConfig
     fda: FdaConfig
+    lse: LseConfig
+    labor: LaborConfig
 
 
 class AdaptationStageConfig(_Strict):

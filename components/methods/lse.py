@@ -35,9 +35,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES
 from segshift.components.losses import upsample
+from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
 
 REFERENCE_SHARE_START = 0.1
 REFERENCE_SHARE_STEP = 0.05
@@ -303,3 +305,49 @@ def lse_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = REFERENC
     focal = (1 - torch.exp(-ce)).clamp_min(0) ** gamma * ce
     labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return (ce.sum() + beta * focal.sum()) / labelled
+
+
+class LSE(Method):
+    """One LSE step (roles: `labelled` = source with labels, `pseudo` = the round's selected
+    target images with the pseudo-labels predicted on each *full* image).
+
+    1. Source: cross-entropy (main + `aux_weight` x aux), kept as in the paper.
+    2. Scale-invariant examples: `crops_per_image` random crops of 1/`scale` of each selected image,
+       upsampled back to full size together with the same crop of its full-image pseudo-label
+       (`scale_invariant_crop`, reproducible from (`seed`, step)); the network must label the
+       enlarged object as it labelled the small one.
+    3. Target loss: `lse_loss` (cross-entropy + beta x the focal term with gamma) on those examples.
+    Which images are selected and which pixels keep their pseudo-label (per-class shares and
+    entropy thresholds, p growing per round) is decided between rounds, not in a step.
+    """
+
+    roles = ("labelled", "pseudo")
+
+    def __init__(self, model: nn.Module, stage_cfg, lse_cfg, seed: int):
+        from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
+        super().__init__()
+        self.cfg, self.lse, self.seed = stage_cfg, lse_cfg, seed
+        self.modules["model"] = model
+        groups = segmentation_param_groups(model, stage_cfg.optimizer.lr, stage_cfg.optimizer.head_lr_mult)
+        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, stage_cfg.optimizer), stage_cfg.optimizer)
+
+    def scale_invariant_batch(self, images: torch.Tensor, labels: torch.Tensor,
+                              step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        examples = [scale_invariant_crop(image, label, self.lse.scale, generator)
+                    for image, label in zip(images, labels) for _ in range(self.lse.crops_per_image)]
+        return (torch.stack([e.image for e in examples]).to(images.dtype),
+                torch.stack([e.label for e in examples]).long())
+
+    def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
+        from segshift.components.losses import segmentation_loss
+        model = self.modules["model"]
+        images, labels = batch["labelled"]
+        logs = segmentation_loss(model(images), labels, self.cfg.aux_weight)
+        backward(logs["loss"])
+        crops, crop_labels = self.scale_invariant_batch(*batch["pseudo"], step)
+        target = lse_loss(model(crops).main, crop_labels, self.lse.gamma, self.lse.beta)
+        backward(self.lse.target_weight * target)
+        logs["target"] = target
+        logs["loss"] = logs["loss"] + self.lse.target_weight * target
+        return {name: value.detach() for name, value in logs.items()}

@@ -111,3 +111,28 @@ def test_pixel_scale_round_trip():
 def test_fda_beta_outside_the_open_interval_is_a_config_error(tmp_path, beta):
     with pytest.raises(ConfigError, match="methods.fda.beta"):
         _params(tmp_path, **{"methods.fda.beta": beta})
+
+
+def test_lse_step_trains_on_aligned_scale_invariant_crops(tmp_path):
+    from segshift.components.methods.lse import LSE
+    params = _params(tmp_path)
+    torch.manual_seed(0)
+    method = LSE(build_model(params.model), params.source, params.methods.lse, seed=0)
+    batch = _batch()
+    images, pseudo = batch["labelled"]
+    crops, labels = method.scale_invariant_batch(images, pseudo, step=3)
+    assert crops.shape == (2 * 4, 3, 32, 64) and labels.shape == (8, 32, 64)
+    again = method.scale_invariant_batch(images, pseudo, step=3)
+    assert torch.equal(again[0], crops) and torch.equal(again[1], labels)
+    # a 2x zoom of a half-size crop: every label of a crop comes from one 16x32 window of the full map
+    assert set(labels[0].unique().tolist()) <= set(pseudo[0].unique().tolist())
+    logs, calls = _step(method, {"labelled": batch["labelled"], "pseudo": batch["labelled"]}, step=0)
+    assert len(calls) == 2 and logs["target"] > 0
+    assert logs["loss"] == pytest.approx((logs["seg_main"] + params.source.aux_weight * logs["seg_aux0"]
+                                          + logs["target"]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, -0.1])
+def test_a_label_budget_of_zero_or_above_everything_is_a_config_error(tmp_path, budget):
+    with pytest.raises(ConfigError, match="methods.labor.label_budget"):
+        _params(tmp_path, **{"methods.labor.label_budget": budget})
