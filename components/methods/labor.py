@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
 from segshift.components.models.base import SegOutput
 
 #: The final classifier's attribute in the networks of components/models (DeepLabV2, BiSeNet).
@@ -431,3 +432,58 @@ class OracleAnnotator:
     def revealed_share(self) -> float:
         """Distinct revealed pixels / all target pixels."""
         return self.revealed_pixels / self.total_pixels
+
+
+class PixelSelectorTraining(Method):
+    """One step of LabOR's pixel-selector model B (roles: `pseudo` = target images with model A's
+    pseudo-labels), the MCD game of Saito et al. 2018 in one engine step:
+
+    1. Both heads learn the pseudo-labels (cross-entropy, features and heads).
+    2. Heads only (features detached): `-discrepancy_weight` x the L1 discrepancy of their
+       softmax maps, so the heads move apart where the features leave room for doubt.
+    3. Features only (heads frozen): `+discrepancy_weight` x the discrepancy, so the backbone
+       pulls the heads' predictions back together where it can.
+    The engine then steps both optimisers once: the reference's three alternating optimiser
+    steps collapsed into one step with gradients routed per part. What stays inconsistent after
+    training is where the target is genuinely ambiguous: the pixels worth a human label.
+    """
+
+    roles = ("pseudo",)
+
+    def __init__(self, selector: TwoHeadSegmenter, stage_cfg, labor_cfg):
+        from segshift.components.engine.optim import build_optimizer
+        super().__init__()
+        self.cfg, self.labor = stage_cfg, labor_cfg
+        self.modules["model"] = selector
+        opt = stage_cfg.optimizer
+        self.optimizers["features"] = OptimizerSpec(build_optimizer(selector.feature_parameters(), opt), opt)
+        self.optimizers["heads"] = OptimizerSpec(build_optimizer(selector.classifier_parameters(), opt), opt)
+
+    def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
+        from segshift.components.engine.loop import unwrap
+        from segshift.components.losses import labelled_cross_entropy, upsample
+        selector: TwoHeadSegmenter = unwrap(self.modules["model"])
+        images, labels = batch["pseudo"]
+        size = tuple(labels.shape[-2:])
+
+        out = self.modules["model"](images)
+        seg = (labelled_cross_entropy(upsample(out.a, size), labels)
+               + labelled_cross_entropy(upsample(out.b, size), labels))
+        backward(seg)
+
+        features = selector.extract(images)
+        weight = self.labor.discrepancy_weight
+        heads_apart = head_discrepancy(upsample(selector.head_a(features.detach()), size).softmax(1),
+                                       upsample(selector.head_b(features.detach()), size).softmax(1))
+        backward(-weight * heads_apart)
+        heads = selector.classifier_parameters()
+        for p in heads:
+            p.requires_grad_(False)
+        try:
+            features_together = head_discrepancy(upsample(selector.head_a(features), size).softmax(1),
+                                                 upsample(selector.head_b(features), size).softmax(1))
+            backward(weight * features_together)
+        finally:
+            for p in heads:
+                p.requires_grad_(True)
+        return {"loss": seg.detach(), "seg": seg.detach(), "discrepancy": heads_apart.detach()}

@@ -136,3 +136,32 @@ def test_lse_step_trains_on_aligned_scale_invariant_crops(tmp_path):
 def test_a_label_budget_of_zero_or_above_everything_is_a_config_error(tmp_path, budget):
     with pytest.raises(ConfigError, match="methods.labor.label_budget"):
         _params(tmp_path, **{"methods.labor.label_budget": budget})
+
+
+def test_pixel_selector_step_routes_the_discrepancy_game(tmp_path):
+    from segshift.components.methods.labor import PixelSelectorTraining, TwoHeadSegmenter
+    params = _params(tmp_path)
+    torch.manual_seed(0)
+    selector = TwoHeadSegmenter(build_model(params.model))
+    method = PixelSelectorTraining(selector, params.source, params.methods.labor)
+    batch = {"pseudo": _batch()["labelled"]}
+    # the heads' gradient is CE - w * d, the features' CE + w * d: compare against each part alone
+    images, labels = batch["pseudo"]
+    logs, calls = _step(method, batch, step=0)
+    assert len(calls) == 3 and logs["discrepancy"] > 0
+    got = {n: p.grad.clone() for n, p in selector.named_parameters()}
+    for p in selector.parameters():
+        p.grad = None
+    from segshift.components.losses import labelled_cross_entropy, upsample
+    from segshift.components.methods.labor import head_discrepancy
+    out = selector(images)
+    seg = sum(labelled_cross_entropy(upsample(x, (32, 64)), labels) for x in (out.a, out.b))
+    d = head_discrepancy(upsample(out.a, (32, 64)).softmax(1), upsample(out.b, (32, 64)).softmax(1))
+    heads = {n for n, _ in selector.named_parameters() if n.startswith(("head_a", "head_b"))}
+    seg_grads = torch.autograd.grad(seg, list(selector.parameters()), retain_graph=True, allow_unused=True)
+    d_grads = torch.autograd.grad(d, list(selector.parameters()), allow_unused=True)
+    w = params.methods.labor.discrepancy_weight
+    for (name, _), g_seg, g_d in zip(selector.named_parameters(), seg_grads, d_grads):
+        sign = -1.0 if name in heads else 1.0
+        expected = (g_seg if g_seg is not None else 0) + sign * w * (g_d if g_d is not None else 0)
+        assert torch.allclose(got[name], torch.as_tensor(expected), atol=1e-5), name
