@@ -32,7 +32,7 @@ from torch import nn
 from segshift.components.config import AdaptationStageConfig
 from segshift.components.data.labels import NUM_CLASSES
 from segshift.components.engine.loop import unwrap
-from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
+from segshift.components.engine.optim import build_optimizer
 from segshift.components.losses import normalised_entropy, segmentation_loss, upsample
 from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
 from segshift.components.models.base import SegOutput
@@ -76,9 +76,7 @@ class OutputSpaceAdaptation(Method):
     def __init__(self, model: nn.Module, cfg: AdaptationStageConfig, num_classes: int = NUM_CLASSES):
         super().__init__()
         self.cfg = cfg
-        self.modules["model"] = model
-        groups = segmentation_param_groups(model, cfg.optimizer.lr, cfg.optimizer.head_lr_mult)
-        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, cfg.optimizer), cfg.optimizer)
+        self.add_segmenter(model, cfg.optimizer)
         if cfg.method != "minent":
             d_cfg = cfg.discriminator
             for level, weight in self.level_weights.items():

@@ -38,6 +38,13 @@ class Method(ABC):
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, OptimizerSpec] = {}
 
+    def add_segmenter(self, model: nn.Module, optimizer: OptimizerConfig) -> None:
+        """Register the segmentation network and its optimiser (heads at `head_lr_mult` x lr)."""
+        from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
+        self.modules["model"] = model
+        groups = segmentation_param_groups(model, optimizer.lr, optimizer.head_lr_mult)
+        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, optimizer), optimizer)
+
     @property
     def segmenter(self) -> nn.Module:
         """The segmentation network that is validated, selected and exported."""

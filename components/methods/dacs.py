@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX
-from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
+from segshift.components.methods.base import Backward, Batch, Method
 
 #: the reference's teacher momentum and confidence threshold
 DEFAULT_EMA_ALPHA = 0.99
@@ -170,16 +170,13 @@ class DACS(Method):
 
     def __init__(self, model: nn.Module, stage_cfg, dacs_cfg, seed: int):
         import copy
-        from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
         super().__init__()
         self.cfg, self.dacs, self.seed = stage_cfg, dacs_cfg, seed
-        self.modules["model"] = model
+        self.add_segmenter(model, stage_cfg.optimizer)
         teacher = copy.deepcopy(model)
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.modules["teacher"] = teacher
-        groups = segmentation_param_groups(model, stage_cfg.optimizer.lr, stage_cfg.optimizer.head_lr_mult)
-        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, stage_cfg.optimizer), stage_cfg.optimizer)
 
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
         from segshift.components.engine.loop import unwrap

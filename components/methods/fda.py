@@ -34,7 +34,7 @@ from torch import nn
 
 from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from segshift.components.data.labels import IGNORE_INDEX
-from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
+from segshift.components.methods.base import Backward, Batch, Method
 
 #: the window sizes of the paper's multi-band transfer (MBT)
 PAPER_BETAS: tuple[float, ...] = (0.01, 0.05, 0.09)
@@ -232,13 +232,10 @@ class FDA(Method):
     roles = ("labelled", "unlabelled")
 
     def __init__(self, model: nn.Module, stage_cfg, fda_cfg):
-        from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
         super().__init__()
         self.cfg, self.fda = stage_cfg, fda_cfg
         check_beta(fda_cfg.beta)
-        self.modules["model"] = model
-        groups = segmentation_param_groups(model, stage_cfg.optimizer.lr, stage_cfg.optimizer.head_lr_mult)
-        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, stage_cfg.optimizer), stage_cfg.optimizer)
+        self.add_segmenter(model, stage_cfg.optimizer)
 
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
         from segshift.components.losses import segmentation_loss, upsample

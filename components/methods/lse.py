@@ -39,7 +39,7 @@ from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES
 from segshift.components.losses import upsample
-from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
+from segshift.components.methods.base import Backward, Batch, Method
 
 REFERENCE_SHARE_START = 0.1
 REFERENCE_SHARE_STEP = 0.05
@@ -324,12 +324,9 @@ class LSE(Method):
     roles = ("labelled", "pseudo")
 
     def __init__(self, model: nn.Module, stage_cfg, lse_cfg, seed: int):
-        from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
         super().__init__()
         self.cfg, self.lse, self.seed = stage_cfg, lse_cfg, seed
-        self.modules["model"] = model
-        groups = segmentation_param_groups(model, stage_cfg.optimizer.lr, stage_cfg.optimizer.head_lr_mult)
-        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, stage_cfg.optimizer), stage_cfg.optimizer)
+        self.add_segmenter(model, stage_cfg.optimizer)
 
     def scale_invariant_batch(self, images: torch.Tensor, labels: torch.Tensor,
                               step: int) -> tuple[torch.Tensor, torch.Tensor]:

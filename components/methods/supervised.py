@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from segshift.components.config import SupervisedStageConfig
-from segshift.components.engine.optim import build_optimizer, segmentation_param_groups
 from segshift.components.losses import segmentation_loss
-from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
+from segshift.components.methods.base import Backward, Batch, Method
 
 
 class Supervised(Method):
@@ -20,9 +19,7 @@ class Supervised(Method):
     def __init__(self, model: nn.Module, cfg: SupervisedStageConfig):
         super().__init__()
         self.cfg = cfg
-        self.modules["model"] = model
-        groups = segmentation_param_groups(model, cfg.optimizer.lr, cfg.optimizer.head_lr_mult)
-        self.optimizers["model"] = OptimizerSpec(build_optimizer(groups, cfg.optimizer), cfg.optimizer)
+        self.add_segmenter(model, cfg.optimizer)
 
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
         images, labels = batch["labelled"]
