@@ -58,7 +58,10 @@ METRIC = "val_miou"
 CACHE_DIR = "cache"
 RECORDS_NAME = "records.parquet"
 CACHE_META = "cache.json"
-TRIAL_DRIVER_CPU = 0.01
+# A trial's driver only starts its Ray Train workers, which hold the CPUs and GPUs. Even 0.01 CPU
+# per driver would leave 2 x 0.01 short of the second worker on a 2-core machine with 1 CPU per
+# worker; a bundle cannot be all zero, so drivers reserve memory (they use ~0.5 GB) and no CPU.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 1024 ** 2}
 WORKER_START_TIMEOUT_S = 600
 TAG_SWEEP = "segshift.sweep"
 TAG_SWEEP_KEY = "segshift.sweep_key"
@@ -311,9 +314,8 @@ def parent_run(params: Params, project_dir: Path, key: str, resume: bool) -> tup
 def make_tuner(params: Params, ctx: SweepContext, resume: bool):
     from ray import tune
     path, fs = storage(params, Path(ctx.project_dir), Path(ctx.sweep_dir))
-    # The trial function only drives its Ray Train workers, which hold the real resources.
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=dataclasses.asdict(ctx)),
-                                    {"cpu": TRIAL_DRIVER_CPU})
+                                    TRIAL_DRIVER_RESOURCES)
     experiment = f"{path.rstrip('/')}/{params.sweep.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         if not resume:
@@ -346,6 +348,22 @@ def discard_previous(params: Params, project_dir: Path, directory: Path) -> None
         except (FileNotFoundError, OSError):
             pass
     shutil.rmtree(directory / "trials", ignore_errors=True)
+
+
+def check_trial_fits(params: Params) -> None:
+    """On a local Ray instance, a trial whose workers need more than the machine has would wait
+    for them until Ray Train's start timeout; say so at once (a cluster may autoscale)."""
+    import ray
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cfg, total = params.sweep, ray.cluster_resources()
+    for resource, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
+        need = cfg.workers_per_trial * per_worker
+        if need > total.get(resource, 0) + 1e-9:
+            raise SweepError(
+                f"a trial needs sweep.workers_per_trial x {resource.lower()}s_per_worker = {need:g} "
+                f"{resource}s but the local Ray instance has {total.get(resource, 0):g}; lower them "
+                "(or raise ray.local_num_cpus, or use a cluster: ray.address)")
 
 
 def check_complete(results, params: Params) -> None:
@@ -444,6 +462,7 @@ def run_sweep(params: Params, project_dir: Path, resume: bool = False, fresh: bo
         discard_previous(params, project_dir, directory)
     start = time.perf_counter()
     connect_ray(params)
+    check_trial_fits(params)
     manifest_sha, model_sha = ranking_cache(params, inputs, directory, progress)
     key = sweep_key(params, model_sha, manifest_sha)
     uri, experiment, parent = parent_run(params, project_dir, key, resume)

@@ -148,6 +148,20 @@ def test_lambda_bounds_that_empty_a_split_fail_before_ray_starts(swept, capsys, 
     assert "sweep.space['rank.lambda']: rank.lambda = 0.01 with N = 10" in err and "0 easy" in err
 
 
+def test_a_trial_larger_than_the_local_ray_instance_is_refused_before_any_trial(swept, capsys, monkeypatch):
+    root, uri = swept
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(sweep_module, "make_tuner", lambda *a, **k: pytest.fail("tuner started"))
+    variant = root / "variants" / "big"
+    variant.mkdir(parents=True)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweep"].update({"cpus_per_worker": 1.5, "workers_per_trial": 2})
+    (variant / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["sweep", "--params", str(variant / "params.yaml"), "--quiet"]) == 2
+    assert ("a trial needs sweep.workers_per_trial x cpus_per_worker = 3 CPUs but the local Ray "
+            "instance has 2") in capsys.readouterr().err
+
+
 def test_an_unreachable_cluster_fails_within_seconds_naming_the_address(tmp_path, capsys):
     port = free_port()                 # nothing listens there
     start = time.monotonic()
