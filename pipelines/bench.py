@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import platform
+import queue as queue_module
 import shutil
 import tempfile
 import time
@@ -77,7 +78,7 @@ def _train_step_worker(case: dict, amp: str, channels_last: bool, steps: int, qu
     model_cfg = ModelConfig(name="deeplabv2", backbone=case["backbone"], width=case["width"],
                             rates=case["rates"], aux_head=True, frozen_bn=False, pretrained=None)
     stage = SupervisedStageConfig(iterations=steps, batch_size=case["batch"], accumulation=1,
-                                  aux_weight=0.1, crop=None, flip=False,
+                                  aux_weight=0.1, crop=None, flip=False, augment=None,
                                   optimizer=OptimizerConfig(name="sgd", lr=2.5e-4, momentum=0.9,
                                                             betas=(0.9, 0.99), weight_decay=5e-4,
                                                             head_lr_mult=10, poly_power=0.9))
@@ -118,7 +119,14 @@ def bench_train(name: str, case: dict, amp: str, channels_last: bool, steps: int
     queue = context.Queue()
     process = context.Process(target=_train_step_worker, args=(case, amp, channels_last, steps, queue))
     process.start()
-    result = queue.get()
+    while True:     # a worker that dies (bad config, out of memory) must not leave us waiting
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"train-step benchmark '{name}' ({amp}) died with exit code "
+                                   f"{process.exitcode}; its error is printed above") from None
     process.join()
     return {"benchmark": "train_step", "model": name, "size": list(case["size"])[::-1],
             "batch": case["batch"], "amp": amp, "channels_last": channels_last, **result}

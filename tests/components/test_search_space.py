@@ -35,7 +35,7 @@ def test_an_int_range_includes_its_upper_end(tmp_path):
     ({"model.width": {"type": "uniform", "low": 0.1, "high": 0.5}}, "only rank.*, intra.* keys can be searched"),
     ({"intra.iterations": {"type": "int", "low": 10, "high": 20}}, "intra.iterations is fixed by the sweep"),
     ({"rank.lamda": {"type": "uniform", "low": 0.3, "high": 0.5}}, "rank.lamda is not a params key"),
-    ({"intra.method": {"type": "choice", "values": ["advent", "dacs"]}}, "value = 'dacs' is outside"),
+    ({"intra.method": {"type": "choice", "values": ["advent", "cycada"]}}, "value = 'cycada' is outside"),
 ])
 def test_bad_dimensions_are_named_with_the_value_and_the_rule(tmp_path, space, message):
     try:
