@@ -68,3 +68,16 @@ def connect_ray(params: Params) -> None:
     ray.init(num_cpus=params.ray.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=None, _node_ip_address="127.0.0.1", ignore_reinit_error=True,
              log_to_driver=True)
+
+
+def local_shortfall(params: Params, needs: dict[str, float]) -> tuple[str, float, float] | None:
+    """(resource, needed, available) of the first of `needs` (e.g. {"CPU": 2}) that the *local*
+    Ray instance cannot offer, else None; a cluster (ray.address) may autoscale, so never there."""
+    import ray
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    total = ray.cluster_resources()
+    for resource, need in needs.items():
+        if need > total.get(resource, 0) + 1e-9:
+            return resource, need, total.get(resource, 0)
+    return None

@@ -20,7 +20,6 @@ import argparse
 import io
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -128,18 +127,16 @@ class ScoreActor:
 
 def _check_resources(params: Params) -> None:
     """On a local Ray instance, an actor pool larger than the machine would wait forever."""
-    import ray
-    if params.ray.address or os.environ.get("RAY_ADDRESS"):
-        return  # a cluster may autoscale; let Ray schedule
+    from segshift.pipelines.cluster import local_shortfall
     cfg = params.rank
-    total = ray.cluster_resources()
-    for resource, per_actor in (("CPU", cfg.cpus_per_actor), ("GPU", cfg.gpus_per_actor)):
-        need = cfg.concurrency * per_actor
-        if need > total.get(resource, 0) + 1e-9:
-            raise RankingError(
-                f"rank.concurrency = {cfg.concurrency} actors x {per_actor} {resource} need {need:g} "
-                f"{resource}s but the local Ray instance has {total.get(resource, 0):g}; lower "
-                f"rank.concurrency or rank.{resource.lower()}s_per_actor (or raise ray.local_num_cpus)")
+    per_actor = {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}
+    short = local_shortfall(params, {r: cfg.concurrency * n for r, n in per_actor.items()})
+    if short:
+        resource, need, have = short
+        raise RankingError(
+            f"rank.concurrency = {cfg.concurrency} actors x {per_actor[resource]} {resource} need {need:g} "
+            f"{resource}s but the local Ray instance has {have:g}; lower "
+            f"rank.concurrency or rank.{resource.lower()}s_per_actor (or raise ray.local_num_cpus)")
 
 
 def run_inference(params: Params, inputs: RankInputs, out_dir: Path, progress: bool) -> list[dict]:

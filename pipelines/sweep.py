@@ -352,18 +352,17 @@ def discard_previous(params: Params, project_dir: Path, directory: Path) -> None
 
 def check_trial_fits(params: Params) -> None:
     """On a local Ray instance, a trial whose workers need more than the machine has would wait
-    for them until Ray Train's start timeout; say so at once (a cluster may autoscale)."""
-    import ray
-    if params.ray.address or os.environ.get("RAY_ADDRESS"):
-        return
-    cfg, total = params.sweep, ray.cluster_resources()
-    for resource, per_worker in (("CPU", cfg.cpus_per_worker), ("GPU", cfg.gpus_per_worker)):
-        need = cfg.workers_per_trial * per_worker
-        if need > total.get(resource, 0) + 1e-9:
-            raise SweepError(
-                f"a trial needs sweep.workers_per_trial x {resource.lower()}s_per_worker = {need:g} "
-                f"{resource}s but the local Ray instance has {total.get(resource, 0):g}; lower them "
-                "(or raise ray.local_num_cpus, or use a cluster: ray.address)")
+    for them until Ray Train's start timeout; say so at once."""
+    from segshift.pipelines.cluster import local_shortfall
+    cfg = params.sweep
+    short = local_shortfall(params, {"CPU": cfg.workers_per_trial * cfg.cpus_per_worker,
+                                     "GPU": cfg.workers_per_trial * cfg.gpus_per_worker})
+    if short:
+        resource, need, have = short
+        raise SweepError(
+            f"a trial needs sweep.workers_per_trial x {resource.lower()}s_per_worker = {need:g} "
+            f"{resource}s but the local Ray instance has {have:g}; lower them "
+            "(or raise ray.local_num_cpus, or use a cluster: ray.address)")
 
 
 def check_complete(results, params: Params) -> None:

@@ -55,3 +55,11 @@ class Method(ABC):
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
         """Compute the losses of one (micro-)batch, call `backward` on what is optimised, and
         return the detached scalars to log (a 'loss' entry is expected)."""
+
+
+def check_same_size(images: torch.Tensor, target_images: torch.Tensor, what: str) -> None:
+    """Methods that combine a source and a target image pixel by pixel need one size for both."""
+    if images.shape[-2:] != target_images.shape[-2:]:
+        raise ValueError(f"{what} source {tuple(images.shape[-2:])} and target "
+                         f"{tuple(target_images.shape[-2:])} images of different sizes; set the "
+                         "stage's crop so both domains are cut to one size")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX
-from segshift.components.methods.base import Backward, Batch, Method
+from segshift.components.methods.base import Backward, Batch, Method, check_same_size
 
 #: the reference's teacher momentum and confidence threshold
 DEFAULT_EMA_ALPHA = 0.99
@@ -186,10 +186,7 @@ class DACS(Method):
             ema_update(teacher, unwrap(model), self.dacs.ema_alpha, step=step - 1)
         images, labels = batch["labelled"]
         target_images, _ = batch["unlabelled"]
-        if images.shape[-2:] != target_images.shape[-2:]:
-            raise ValueError(f"DACS mixes source {tuple(images.shape[-2:])} and target "
-                             f"{tuple(target_images.shape[-2:])} images of different sizes; set the "
-                             "stage's crop so both domains are cut to one size")
+        check_same_size(images, target_images, "DACS mixes")
         logs = segmentation_loss(model(images), labels, self.cfg.aux_weight)
         backward(logs["loss"])      # one backward per forward pass, as DDP expects
 

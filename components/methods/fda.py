@@ -34,7 +34,7 @@ from torch import nn
 
 from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from segshift.components.data.labels import IGNORE_INDEX
-from segshift.components.methods.base import Backward, Batch, Method
+from segshift.components.methods.base import Backward, Batch, Method, check_same_size
 
 #: the window sizes of the paper's multi-band transfer (MBT)
 PAPER_BETAS: tuple[float, ...] = (0.01, 0.05, 0.09)
@@ -242,10 +242,7 @@ class FDA(Method):
         model = self.modules["model"]
         images, labels = batch["labelled"]
         target_images, _ = batch["unlabelled"]
-        if images.shape[-2:] != target_images.shape[-2:]:
-            raise ValueError(f"FDA swaps spectra of source {tuple(images.shape[-2:])} and target "
-                             f"{tuple(target_images.shape[-2:])} images of different sizes; set the "
-                             "stage's crop so both domains are cut to one size")
+        check_same_size(images, target_images, "FDA swaps spectra of")
         partners = target_images[torch.arange(images.shape[0]) % target_images.shape[0]]
         stylised = from_pixels(low_frequency_swap(to_pixels(images.float()), to_pixels(partners.float()),
                                                   self.fda.beta)).to(images.dtype)

@@ -180,6 +180,14 @@ def test_a_lambda_leaving_a_split_empty_exits_2_with_the_counts_before_inference
     assert (ranked / "data" / "ranking" / "ranking.parquet").stat().st_mtime_ns == before
 
 
+def test_an_actor_pool_larger_than_the_local_ray_instance_is_refused(ranked, capsys, monkeypatch):
+    monkeypatch.chdir(ranked)
+    params = params_file(ranked, {"rank.concurrency": 3}, variant="pool")
+    assert main(["rank", "--params", str(params), "--quiet"]) == 2
+    assert ("rank.concurrency = 3 actors x 1.0 CPU need 3 CPUs but the local Ray instance has 2"
+            in capsys.readouterr().err)
+
+
 def test_missing_inputs_name_the_file_and_the_stage_to_run(tmp_path, capsys):
     params = params_file(tmp_path)
     assert main(["rank", "--params", str(params), "--quiet"]) == 2
