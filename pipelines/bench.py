@@ -192,6 +192,72 @@ def bench_stages(params_path: str) -> list[dict]:
             for stage, run in sorted(stages.items(), key=lambda kv: kv[1].info.start_time)]
 
 
+METHOD_CASES = ("supervised", "advent", "adaptsegnet", "minent", "dacs", "fda", "lse", "labor_selector")
+
+
+def _method_for(case: str, params):
+    """A method over a fresh `params.model` with the project's stage settings (inter for the
+    adaptation methods, source for the others) and the image roles it trains on."""
+    from segshift.components.methods.advent import OutputSpaceAdaptation
+    from segshift.components.methods.dacs import DACS
+    from segshift.components.methods.fda import FDA
+    from segshift.components.methods.labor import PixelSelectorTraining, TwoHeadSegmenter
+    from segshift.components.methods.lse import LSE
+    from segshift.components.methods.supervised import Supervised
+    from segshift.components.models.factory import build_model
+    model, seed = build_model(params.model.model_copy(update={"pretrained": None})), params.engine.seed
+    if case == "supervised":
+        return Supervised(model, params.source)
+    if case == "lse":
+        return LSE(model, params.source, params.methods.lse, seed)
+    if case == "labor_selector":
+        return PixelSelectorTraining(TwoHeadSegmenter(model), params.source, params.methods.labor)
+    stage = params.inter.model_copy(update={"method": case})
+    if case == "dacs":
+        return DACS(model, stage, params.methods.dacs, seed)
+    if case == "fda":
+        return FDA(model, stage, params.methods.fda)
+    return OutputSpaceAdaptation(model, stage)
+
+
+def bench_methods(params_path: str, steps: int) -> list[dict]:
+    """Training-step throughput of every method on the project's model, at the built-in image
+    size, with the project's batch sizes and AMP; images/s counts every image a step reads."""
+    import torch
+
+    from segshift.components.config import load_params
+    params = load_params(params_path)
+    height, width = params.prepare.builtin.height, params.prepare.builtin.width
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.engine.amp)
+    rows = []
+    for case in METHOD_CASES:
+        torch.manual_seed(0)
+        method = _method_for(case, params)
+        batch_size = params.source.batch_size if case in ("supervised", "lse", "labor_selector") \
+            else params.inter.batch_size
+        batch = {role: (torch.randn(batch_size, 3, height, width),
+                        torch.randint(0, 19, (batch_size, height, width))) for role in method.roles}
+        optimizers = [spec.optimizer for spec in method.optimizers.values()]
+
+        def step(i: int) -> None:
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                method.training_step(batch, i, lambda loss: loss.backward())
+            for optimizer in optimizers:
+                optimizer.step()
+        step(0)    # warm-up
+        start = time.perf_counter()
+        for i in range(1, steps + 1):
+            step(i)
+        seconds = time.perf_counter() - start
+        images = batch_size * len(method.roles) * steps
+        rows.append({"benchmark": "method_step", "method": case, "batch": {r: batch_size for r in method.roles},
+                     "size": [width, height], "amp": params.engine.amp, "step_s": round(seconds / steps, 3),
+                     "images_per_s": round(images / seconds, 1)})
+    return rows
+
+
 def bench_sweep(params_path: str, schedulers: list[str]) -> list[dict]:
     """The project's sweep once per scheduler (same space, seed and trial count, fresh each time):
     wall time, intra steps run and the best trial, to weigh ASHA's savings against its result."""
@@ -230,15 +296,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         results["results"] += bench_stages(args.params)
     if args.what == "sweep":
         results["results"] += bench_sweep(args.params, args.schedulers)
+    if args.what == "methods":
+        results["results"] += bench_methods(args.params, args.train_steps)
     print(json.dumps(results, indent=2))
     return 0
 
 
 def build_bench_parser(sub) -> None:
     parser = sub.add_parser("bench", help="measure throughput (see BENCHMARKS.md)")
-    parser.add_argument("what", choices=["generate", "ingest", "train", "rank", "stages", "sweep", "all"],
-                        nargs="?", default="all", help="all = generate, ingest, train; rank, stages and "
-                        "sweep use the project's pipeline outputs (run `dvc repro` first)")
+    parser.add_argument("what", choices=["generate", "ingest", "train", "methods", "rank", "stages", "sweep", "all"],
+                        nargs="?", default="all", help="all = generate, ingest, train; methods: a training step of "
+                        "every method on the project's model; rank, stages and sweep use the project's "
+                        "pipeline outputs (run `dvc repro` first)")
     parser.add_argument("--count", type=int, default=400, help="generated images per run")
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)

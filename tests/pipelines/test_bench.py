@@ -2,6 +2,7 @@ import json
 
 from segshift.pipelines.bench import bench_ingest, bench_train, train_cases
 from segshift.pipelines.cli import main
+from tests.conftest import write_params
 
 
 def test_generate_benchmark_prints_machine_and_throughput(capsys):
@@ -29,3 +30,16 @@ def test_cpu_cases_cover_the_small_model_and_r101_with_and_without_bf16():
     cases = {(name, amp) for name, _, amp, _ in train_cases(on_gpu=False)}
     assert cases == {("small_deeplabv2_r18_w0.25", "none"), ("small_deeplabv2_r18_w0.25", "bf16"),
                      ("deeplabv2_r101", "none"), ("deeplabv2_r101", "bf16")}
+
+
+def test_methods_benchmark_times_a_step_of_every_method(tmp_path):
+    from segshift.pipelines.bench import METHOD_CASES, bench_methods
+    params = write_params(tmp_path, {"model.width": 0.125, "prepare.builtin.height": 32,
+                                     "prepare.builtin.width": 64, "source.batch_size": 2, "inter.batch_size": 2})
+    rows = bench_methods(str(params), steps=1)
+    assert [r["method"] for r in rows] == list(METHOD_CASES)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["supervised"]["batch"] == {"labelled": 2}
+    assert by_method["dacs"]["batch"] == {"labelled": 2, "unlabelled": 2}
+    assert by_method["lse"]["batch"] == {"labelled": 2, "pseudo": 2}
+    assert all(r["images_per_s"] > 0 and r["size"] == [64, 32] for r in rows)
