@@ -92,3 +92,23 @@ def test_intra_refuses_an_easy_split_smaller_than_a_batch(project, monkeypatch, 
     err = capsys.readouterr().err
     assert "intra (target train, easy split + pseudo-labels): 1 training images is fewer than " \
            "intra.batch_size = 2" in err
+
+
+@pytest.mark.parametrize("model", ["deeplabv2", "bisenet"])
+@pytest.mark.parametrize("method", ["dacs", "fda"])
+def test_dacs_and_fda_train_the_inter_stage_with_either_model(tmp_path, monkeypatch, method, model):
+    """The image-level methods run through the engine with DeepLab-v2 and BiSeNet alike."""
+    monkeypatch.chdir(tmp_path)
+    overrides = {"model.name": model, "inter.method": method, "inter.init": "scratch",
+                 "methods.fda.entropy_start": 1}
+    assert main(["prepare", "--params", str(write_params(tmp_path, {**FAST, **overrides})), "--quiet"]) == 0
+    assert run(tmp_path, "inter", overrides) == 0
+    metrics = json.loads((tmp_path / "metrics" / "inter.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["test"]["miou"] <= 1
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_ = next(r for r in client.search_runs([client.get_experiment_by_name("segshift").experiment_id])
+                if r.data.tags.get("segshift.stage") == "inter")
+    # DACS logs its mixed loss every step; FDA's entropy term starts at entropy_start (0-based 1)
+    name, steps = {"dacs": ("mixed", [1, 2]), "fda": ("entropy", [2])}[method]
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, name)] == steps
+    assert run_.data.params["inter.method"] == method
