@@ -45,14 +45,14 @@ def train_quick(params: Params, train: PreparedSplit, desc: str, workdir: Path,
     return method.segmenter
 
 
-def calibrate(params: Params, prepared_dir: Path, progress: bool = True) -> dict:
+def calibrate(params: Params, prepared: Path, progress: bool = True) -> dict:
     results: dict = {}
     device = resolve_device(params.engine.device)
     for name, domain, colour_norm in CALIBRATION_RUNS:
         start = time.perf_counter()
-        train = PreparedSplit(prepared_dir / domain, "train", cache=True, flip=params.source.flip,
+        train = PreparedSplit(prepared / domain, "train", cache=True, flip=params.source.flip,
                               per_image_norm=colour_norm)
-        test = PreparedSplit(prepared_dir / "target", "test", cache=True, per_image_norm=colour_norm)
+        test = PreparedSplit(prepared / "target", "test", cache=True, per_image_norm=colour_norm)
         with tempfile.TemporaryDirectory() as workdir:
             model = train_quick(params, train, name, Path(workdir), progress)
         results[name] = evaluate(model, test, params.engine.eval_batch_size, device).summary()
