@@ -134,32 +134,31 @@ def test_a_second_run_asks_for_resume_or_fresh_and_resume_reruns_no_finished_tri
     assert again["best"]["trial_id"] == summary["best"]["trial_id"] and again["trials"] == 4
 
 
-def test_lambda_bounds_that_empty_a_split_fail_before_ray_starts(swept, capsys, monkeypatch):
-    root, uri = swept
+def refused_before_any_trial(root, name: str, edit, capsys, monkeypatch) -> str:
+    """Run the swept project with `edit(params)` applied as a variant; it must exit 2 without
+    starting the tuner. Returns stderr."""
     monkeypatch.chdir(root)
     monkeypatch.setattr(sweep_module, "make_tuner", lambda *a, **k: pytest.fail("tuner started"))
-    variant = root / "variants" / "lam"
+    variant = root / "variants" / name
     variant.mkdir(parents=True)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sweep"]["space"]["rank.lambda"] = {"type": "uniform", "low": 0.01, "high": 0.5}
+    edit(params)
     (variant / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["sweep", "--params", str(variant / "params.yaml"), "--quiet"]) == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_lambda_bounds_that_empty_a_split_fail_before_ray_starts(swept, capsys, monkeypatch):
+    err = refused_before_any_trial(swept[0], "lam", lambda p: p["sweep"]["space"].update(
+        {"rank.lambda": {"type": "uniform", "low": 0.01, "high": 0.5}}), capsys, monkeypatch)
     assert "sweep.space['rank.lambda']: rank.lambda = 0.01 with N = 10" in err and "0 easy" in err
 
 
 def test_a_trial_larger_than_the_local_ray_instance_is_refused_before_any_trial(swept, capsys, monkeypatch):
-    root, uri = swept
-    monkeypatch.chdir(root)
-    monkeypatch.setattr(sweep_module, "make_tuner", lambda *a, **k: pytest.fail("tuner started"))
-    variant = root / "variants" / "big"
-    variant.mkdir(parents=True)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sweep"].update({"cpus_per_worker": 1.5, "workers_per_trial": 2})
-    (variant / "params.yaml").write_text(yaml.safe_dump(params))
-    assert main(["sweep", "--params", str(variant / "params.yaml"), "--quiet"]) == 2
+    err = refused_before_any_trial(swept[0], "big", lambda p: p["sweep"].update(
+        {"cpus_per_worker": 1.5, "workers_per_trial": 2}), capsys, monkeypatch)
     assert ("a trial needs sweep.workers_per_trial x cpus_per_worker = 3 CPUs but the local Ray "
-            "instance has 2") in capsys.readouterr().err
+            "instance has 2") in err
 
 
 def test_an_unreachable_cluster_fails_within_seconds_naming_the_address(tmp_path, capsys):

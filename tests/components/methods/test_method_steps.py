@@ -107,10 +107,12 @@ def test_pixel_scale_round_trip():
     assert torch.allclose(from_pixels(to_pixels(x)), x, atol=1e-5)
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 0.7, -0.1])
-def test_fda_beta_outside_the_open_interval_is_a_config_error(tmp_path, beta):
-    with pytest.raises(ConfigError, match="methods.fda.beta"):
-        _params(tmp_path, **{"methods.fda.beta": beta})
+# beta outside (0, 0.5); a label budget of zero or above 100 %
+@pytest.mark.parametrize("key,value", [("methods.fda.beta", v) for v in (0.0, 0.5, 0.7, -0.1)]
+                         + [("methods.labor.label_budget", v) for v in (0, 1.5, -0.1)])
+def test_method_settings_outside_their_range_are_config_errors(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=key):
+        _params(tmp_path, **{key: value})
 
 
 def test_lse_step_trains_on_aligned_scale_invariant_crops(tmp_path):
@@ -130,12 +132,6 @@ def test_lse_step_trains_on_aligned_scale_invariant_crops(tmp_path):
     assert len(calls) == 2 and logs["target"] > 0
     assert logs["loss"] == pytest.approx((logs["seg_main"] + params.source.aux_weight * logs["seg_aux0"]
                                           + logs["target"]).item(), rel=1e-5)
-
-
-@pytest.mark.parametrize("budget", [0, 1.5, -0.1])
-def test_a_label_budget_of_zero_or_above_everything_is_a_config_error(tmp_path, budget):
-    with pytest.raises(ConfigError, match="methods.labor.label_budget"):
-        _params(tmp_path, **{"methods.labor.label_budget": budget})
 
 
 def test_pixel_selector_step_routes_the_discrepancy_game(tmp_path):
