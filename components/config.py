@@ -207,7 +207,9 @@ class DiscriminatorConfig(_Strict):
     optimizer: OptimizerConfig         # reference: adam, lr 1e-4, betas (0.9, 0.99)
 
 
-AdaptationMethod = Literal["advent", "minent", "adaptsegnet", "dacs", "fda"]
+AdaptationMethod = Literal["advent", "minent", "adaptsegnet", "dacs", "fda", "lse", "labor"]
+# methods that train in rounds from the source model (pseudo-labels or labels between rounds)
+ROUND_METHODS = ("lse", "labor")
 
 
 class DacsConfig(_Strict):
@@ -225,6 +227,20 @@ class FdaConfig(_Strict):
     entropy_weight: float = Field(ge=0)                   # Charbonnier entropy on target (ref. 0.005)
     eta: float = Field(gt=0)                              # its robust exponent (ref. 2)
     entropy_start: int = Field(ge=0)                      # step the entropy term starts (ref. 1/3 of training)
+    # Multi-band transfer + self-training: one model per beta (each from the stage's init), their
+    # mean prediction pseudo-labels target train, then the `beta` model trains on those too.
+    # [] = a single FDA model at `beta`. The stage's iterations are shared by all rounds.
+    ensemble_betas: list[float]
+    self_training: bool
+
+    @model_validator(mode="after")
+    def _betas(self) -> "FdaConfig":
+        for beta in self.ensemble_betas:
+            if not 0 < beta < 0.5:
+                raise ValueError(f"ensemble_betas: {beta} is outside (0, 0.5)")
+        if self.self_training and not self.ensemble_betas:
+            raise ValueError("self_training needs ensemble_betas (the ensemble makes the pseudo-labels)")
+        return self
 
 
 class LseConfig(_Strict):
@@ -254,6 +270,9 @@ class LaborConfig(_Strict):
     points_per_image: int = Field(ge=1)      # ppl: labelled points per image and stage (ref. 40)
     stages: int = Field(ge=1)                # human-in-the-loop rounds (ref. 3)
     discrepancy_weight: float = Field(ge=0)  # MCD: heads maximise, backbone minimises the L1 discrepancy
+    selector_iterations: int = Field(ge=1)   # pixel-selector training steps per stage
+    annotator: Literal["oracle", "files"]    # oracle: target ground truth; files: a person's label PNGs
+    annotations: str                         # files: <annotations>/stage-<k>/requests|labels/<id>.png
 
 
 class MethodsConfig(_Strict):
@@ -323,6 +342,26 @@ class SeedsConfig(_Strict):
 
     values: list[int] = Field(min_length=1)
     out_dir: str                        # <out_dir>/seed-<n>/... and seeds.json / seeds.md
+
+
+CompareStage = Literal["source", "oracle", "inter", "rank", "intra"]
+
+
+class CompareEntry(_Strict):
+    """One compared method: the stages it runs (in order) and the settings that make it that method."""
+
+    stages: list[CompareStage] = Field(min_length=1)
+    set: dict[str, Any] = Field(default_factory=dict)   # dotted key -> value, on top of compare.set
+
+
+class CompareConfig(_Strict):
+    """`segshift compare`: every listed method on the prepared data, once per seed."""
+
+    seeds: list[int] = Field(min_length=1)
+    out_dir: str                        # <out_dir>/<entry>/seed-<n>/: each run's models, metrics, reports
+    report: str                         # compare.md; compare.json and the PNG charts beside it
+    set: dict[str, Any]                 # dotted key -> value for every entry (the comparison's budget)
+    entries: dict[str, CompareEntry] = Field(min_length=1)
 
 
 class SearchDimension(_Strict):
@@ -432,6 +471,7 @@ class Params(_Strict):
     evaluate: EvaluateConfig
     methods: MethodsConfig
     seeds: SeedsConfig
+    compare: CompareConfig
     sweep: SweepConfig
     paths: PathsConfig
     ray: RayConfig
@@ -449,6 +489,12 @@ class Params(_Strict):
             if cfg.init == "imagenet" and not self.model.pretrained:
                 raise ValueError(f"{stage}.init is 'imagenet' but model.pretrained is null; "
                                  "set it to a torchvision ResNet weights file or s3:// URI")
+            if stage == "intra" and cfg.method in ROUND_METHODS:
+                raise ValueError(f"intra.method: '{cfg.method}' adapts source -> target in rounds of its "
+                                 "own; use it as inter.method (intra takes advent, minent, adaptsegnet, dacs, fda)")
+            if stage == "intra" and cfg.method == "fda" and self.methods.fda.ensemble_betas:
+                raise ValueError("intra.method is 'fda' but methods.fda.ensemble_betas is set: the multi-band "
+                                 "ensemble runs in inter only; set ensemble_betas: [] for an intra FDA stage")
             aux = cfg.entropy_weight_aux if cfg.method == "minent" else cfg.adv_weight_aux
             if cfg.method in ("advent", "adaptsegnet", "minent") and aux > 0 and not self.model.aux_head:
                 key = "entropy_weight_aux" if cfg.method == "minent" else "adv_weight_aux"
