@@ -231,15 +231,12 @@ class FdaConfig(_Strict):
     # mean prediction pseudo-labels target train, then the `beta` model trains on those too.
     # [] = a single FDA model at `beta`. The stage's iterations are shared by all rounds.
     ensemble_betas: list[float]
-    self_training: bool
 
     @model_validator(mode="after")
     def _betas(self) -> "FdaConfig":
         for beta in self.ensemble_betas:
             if not 0 < beta < 0.5:
                 raise ValueError(f"ensemble_betas: {beta} is outside (0, 0.5)")
-        if self.self_training and not self.ensemble_betas:
-            raise ValueError("self_training needs ensemble_betas (the ensemble makes the pseudo-labels)")
         return self
 
 
