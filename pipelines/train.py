@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from segshift.components.config import (AdaptationStageConfig, Params, SupervisedStageConfig,
-                                        load_params)
+from segshift.components.config import (ROUND_METHODS, AdaptationStageConfig, Params,
+                                        SupervisedStageConfig, load_params)
 from segshift.components.data.augment import AugmentationSpec
 from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.data.labels import CLASS_NAMES
@@ -38,6 +38,8 @@ from segshift.components.io import atomic_write_text, resolve_under
 from segshift.components.methods.advent import OutputSpaceAdaptation
 from segshift.components.methods.dacs import DACS
 from segshift.components.methods.fda import FDA
+from segshift.components.methods.labor import AnnotatedTargetTraining, PixelSelectorTraining, TwoHeadSegmenter
+from segshift.components.methods.lse import LSE
 from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model, check_checkpoint_compatible
 from segshift.components.ranking import (RANKING_NAME, check_ranking_matches, pseudo_label_paths,
@@ -54,11 +56,31 @@ STAGE_DATA: dict[str, dict[str, str]] = {
 STAGES = tuple(STAGE_DATA)
 # what an adaptation stage's `init` loads: the model a previous stage exported
 INIT_FROM_STAGE = {"source": "source", "inter": "inter"}
-STREAMS = {"labelled": 0, "unlabelled": 1}
+STREAMS = {"labelled": 0, "unlabelled": 1, "pseudo": 2, "annotated": 3}   # independent batch orders
 
 
 class StageInputError(ValueError):
     """Inputs of a stage that cannot work; raised before any training starts."""
+
+
+@dataclass(frozen=True)
+class Round:
+    """One training run of a stage that trains in rounds (LSE, LabOR, FDA's multi-band ensemble).
+
+    Between rounds the driver predicts, selects and writes labels (pipelines/rounds.py); a round
+    is then an ordinary training run of `method` on the engine, with its own checkpoints.
+    `data` maps each role to {"domain": "source" | "target", "ids": [...] or None (all of train),
+    "labels_dir": a directory of <id>.png labels replacing the manifest's, or None}. Paths are
+    relative to the stage's checkpoint directory, which travels to other machines (S3) whole.
+    """
+
+    name: str                  # also the checkpoint sub-directory
+    method: str                # lse | fda | labor-selector | labor-model
+    iterations: int
+    step_offset: int           # where its steps start in the stage's MLflow history
+    data: dict[str, dict]
+    init: str | None = None    # the model file it starts from (e.g. round-1/best.pt); None = stage `init`
+    beta: float | None = None  # fda: this round's window
 
 
 @dataclass(frozen=True)
@@ -71,6 +93,16 @@ class StageJob:
     tracking_uri: str | None = None
     run_id: str | None = None
     progress: bool = True
+    round: dict | None = None   # a Round as a dict (Ray ships plain data)
+
+    @property
+    def round_spec(self) -> Round | None:
+        return Round(**self.round) if self.round else None
+
+    @property
+    def iterations(self) -> int:
+        spec = self.round_spec
+        return spec.iterations if spec else stage_config(self.config, self.stage).iterations
 
     @functools.cached_property
     def config(self) -> Params:
@@ -83,6 +115,11 @@ class StageJob:
     @property
     def checkpoint_dir(self) -> Path:
         """This stage's checkpoints on this machine (the mirror of an s3:// paths.checkpoints)."""
+        return self.stage_checkpoint_dir / self.round["name"] if self.round else self.stage_checkpoint_dir
+
+    @property
+    def stage_checkpoint_dir(self) -> Path:
+        """Where every round of the stage keeps its checkpoints and labels."""
         return mirror_path(self.config, self.project_dir, self.config.paths.checkpoints) / self.stage
 
     def pull_checkpoints(self) -> Path:
@@ -126,6 +163,8 @@ def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSpli
     crop = tuple(cfg.crop) if cfg.crop else None
     augmentation = AugmentationSpec.from_config(cfg.augment, crop, cfg.flip) if cfg.augment else None
     aug = {"cache": cache, "crop": crop, "flip": cfg.flip, "augmentation": augmentation}
+    if job.round:
+        return round_datasets(job.round_spec, prepared, job.stage_checkpoint_dir, aug)
     if stage == "intra":
         table = read_ranking(ranking_dir(job))
         easy, hard = ranked_splits(table)
@@ -136,6 +175,22 @@ def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSpli
                                           "train", **aug)}
     if stage == "inter":
         datasets["unlabelled"] = PreparedSplit(prepared / "target", "train", need_labels=False, **aug)
+    return datasets
+
+
+def label_file(labels_dir: Path, sample_id: str) -> Path:
+    """A round's label map of one image (sample ids may contain '/': city sub-directories)."""
+    return labels_dir / f"{sample_id}.png"
+
+
+def round_datasets(spec: Round, prepared: Path, stage_dir: Path, aug: dict) -> dict[str, PreparedSplit]:
+    datasets = {}
+    for role, data in spec.data.items():
+        labels = stage_dir / data["labels_dir"] if data.get("labels_dir") else None
+        ids = data.get("ids")
+        label_paths = {i: label_file(labels, i) for i in ids} if labels and ids else None
+        datasets[role] = PreparedSplit(prepared / data["domain"], "train", need_labels=role != "unlabelled",
+                                       ids=ids, label_paths=label_paths, **aug)
     return datasets
 
 
@@ -158,7 +213,8 @@ def check_inputs(job: StageJob) -> None:
         check_ranking_matches(ranking_dir(job), prepared / "target")
     workers = max(1, params.engine.workers.num_workers)
     for role, dataset in stage_datasets(job).items():
-        where = f"{job.stage} ({STAGE_DATA[job.stage][role]})"
+        where = (f"{job.stage}, round {job.round['name']} ({role})" if job.round
+                 else f"{job.stage} ({STAGE_DATA[job.stage][role]})")
         if len(dataset) < cfg.batch_size:
             raise StageInputError(f"{where}: {len(dataset)} training images is fewer than "
                                   f"{job.stage}.batch_size = {cfg.batch_size}")
@@ -196,6 +252,10 @@ def run_fingerprint(job: StageJob) -> str:
         identity["init"] = file_digest(init)
     if stage == "intra":
         identity["ranking"] = file_digest(ranking_dir(job) / RANKING_NAME)
+    if job.round:
+        identity["round"] = job.round
+        if job.round.get("init"):
+            identity["round_init"] = file_digest(job.stage_checkpoint_dir / job.round["init"])
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,6 +282,8 @@ def initial_model(job: StageJob) -> torch.nn.Module:
     """The network a stage starts from: ImageNet backbone / scratch, or a previous stage's model."""
     params = job.config
     cfg = stage_config(params, job.stage)
+    if job.round and job.round.get("init"):
+        return load_stage_model(job.stage_checkpoint_dir / job.round["init"], params)
     init = getattr(cfg, "init", "imagenet")
     if init in INIT_FROM_STAGE:
         return load_stage_model(init_model_path(job), params)
@@ -235,6 +297,8 @@ def build_method(job: StageJob, model: torch.nn.Module):
     cfg = stage_config(params, job.stage)
     if not isinstance(cfg, AdaptationStageConfig):
         return Supervised(model, cfg)
+    if job.round:
+        return build_round_method(job.round_spec, job, model)
     if cfg.method == "dacs":
         return DACS(model, cfg, params.methods.dacs, seed=params.engine.seed)
     if cfg.method == "fda":
@@ -242,26 +306,48 @@ def build_method(job: StageJob, model: torch.nn.Module):
     return OutputSpaceAdaptation(model, cfg)
 
 
+def build_round_method(spec: Round, job: StageJob, model: torch.nn.Module):
+    params = job.config
+    cfg = stage_config(params, job.stage)
+    if spec.method == "lse":
+        return LSE(model, cfg, params.methods.lse, seed=params.engine.seed)
+    if spec.method == "fda":
+        return FDA(model, cfg, params.methods.fda, beta=spec.beta, self_training="pseudo" in spec.data)
+    if spec.method == "labor-selector":
+        return PixelSelectorTraining(TwoHeadSegmenter(model, seed=params.engine.seed), cfg, params.methods.labor)
+    if spec.method == "labor-model":
+        return AnnotatedTargetTraining(model, cfg)
+    raise StageInputError(f"round {spec.name}: unknown round method '{spec.method}'")
+
+
+def shifted_log(log: Callable[[dict[str, float], int], None], offset: int):
+    """A round's steps continue the stage's history in MLflow, after the rounds before it."""
+    if not offset:
+        return log
+    return lambda metrics, step: log(metrics, step + offset)
+
+
 def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float], int], None],
                  on_validation: Callable[[dict[str, float], int], None] | None = None) -> dict:
     params, stage = job.config, job.stage
     cfg, engine = stage_config(params, stage), params.engine
     seed_everything(engine.seed + runtime.rank)
+    log = shifted_log(log, job.round["step_offset"] if job.round else 0)
     prepared = job.prepared
+    checkpoints = job.pull_checkpoints()    # first: a round's labels live beside its checkpoints
     datasets = stage_datasets(job, cache=engine.cache_images)
     val = PreparedSplit(prepared / "target", "val", cache=engine.cache_images,
                         need_labels=engine.selection == "val_miou")
     method = build_method(job, initial_model(job))
-    checkpoints = job.pull_checkpoints()
     trainer = Trainer(
-        method, engine, cfg.iterations, cfg.accumulation,
+        method, engine, job.iterations, cfg.accumulation,
         checkpoint_path=checkpoints / "last.pt", best_path=checkpoints / "best.pt",
         fingerprint=run_fingerprint(job), runtime=runtime,
         validate=lambda m: validation_metrics(evaluate(m, val, engine.eval_batch_size, runtime.device)),
         on_log=log if runtime.is_main else None, on_validation=on_validation,
         on_checkpoint=job.push_checkpoint,
-        progress=job.progress, desc=stage)
-    source = batch_source(datasets, cfg.batch_size, cfg.iterations * cfg.accumulation, engine.seed,
+        progress=job.progress, desc=f"{stage} {job.round['name']}" if job.round else stage)
+    source = batch_source(datasets, cfg.batch_size, job.iterations * cfg.accumulation, engine.seed,
                           runtime, engine.loader_workers)
     result = trainer.fit(source)
     summary = {"steps": result.steps, "resumed_from": result.resumed_from,
@@ -372,7 +458,7 @@ def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
     metrics = {"stage": job.stage, "test": evaluation.summary(), "val": best["metrics"],
                "selected_step": best["step"], "selection": summary["selection"],
                "steps": summary["steps"], "resumed_from": summary["resumed_from"],
-               "seconds": round(seconds, 1)}
+               "seconds": round(seconds, 1), **summary.get("extra", {})}
     write_stage_report(job, metrics, evaluation, model, test, device, tracker)
     if tracker is not None:
         tracker.log_metrics({f"test_{k}": v for k, v in evaluation.summary().items()
@@ -389,8 +475,19 @@ def train_stage(params: Params, stage: str, project_dir: Path, progress: bool = 
     start = time.perf_counter()
     with StageTracker(params, stage=stage, project_dir=job.project_dir) as tracker:
         job = dataclasses.replace(job, tracking_uri=tracker.tracking_uri, run_id=tracker.run_id)
-        summary = run_workers(job, tracker.log_metrics)
+        if trains_in_rounds(params, stage):
+            from segshift.pipelines.rounds import run_rounds
+            job, summary = run_rounds(job, tracker)
+        else:
+            summary = run_workers(job, tracker.log_metrics)
         return finish_stage(job, summary, time.perf_counter() - start, tracker)
+
+
+def trains_in_rounds(params: Params, stage: str) -> bool:
+    """LSE, LabOR and FDA's multi-band ensemble: several training runs with labelling between them."""
+    cfg = stage_config(params, stage)
+    method = getattr(cfg, "method", None)
+    return method in ROUND_METHODS or (method == "fda" and bool(params.methods.fda.ensemble_betas))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -225,16 +225,21 @@ class FDA(Method):
     2. Cross-entropy of the stylised source batch against the source labels (main + aux).
     3. From step `entropy_start` on: `entropy_weight` x the Charbonnier entropy (`eta`) of the
        target predictions (the reference switches it on after a third of training).
+    4. Self-training round (`self_training`, role `pseudo` = target images with the multi-band
+       ensemble's pseudo-labels): + their cross-entropy (main + aux).
     A model per beta of `PAPER_BETAS`, averaged by `multi_band_ensemble`, gives the pseudo-labels
     of FDA's self-training round.
     """
 
     roles = ("labelled", "unlabelled")
 
-    def __init__(self, model: nn.Module, stage_cfg, fda_cfg):
+    def __init__(self, model: nn.Module, stage_cfg, fda_cfg, beta: float | None = None,
+                 self_training: bool = False):
         super().__init__()
         self.cfg, self.fda = stage_cfg, fda_cfg
-        check_beta(fda_cfg.beta)
+        self.beta = check_beta(fda_cfg.beta if beta is None else beta)
+        if self_training:
+            self.roles = ("labelled", "unlabelled", "pseudo")
         self.add_segmenter(model, stage_cfg.optimizer)
 
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
@@ -245,7 +250,7 @@ class FDA(Method):
         check_same_size(images, target_images, "FDA swaps spectra of")
         partners = target_images[torch.arange(images.shape[0]) % target_images.shape[0]]
         stylised = from_pixels(low_frequency_swap(to_pixels(images.float()), to_pixels(partners.float()),
-                                                  self.fda.beta)).to(images.dtype)
+                                                  self.beta)).to(images.dtype)
         logs = segmentation_loss(model(stylised), labels, self.cfg.aux_weight)
         backward(logs["loss"])
         if step >= self.fda.entropy_start and self.fda.entropy_weight > 0:
@@ -254,4 +259,10 @@ class FDA(Method):
             backward(self.fda.entropy_weight * entropy)
             logs["entropy"] = entropy
             logs["loss"] = logs["loss"] + self.fda.entropy_weight * entropy
+        if "pseudo" in self.roles:
+            pseudo_images, pseudo_labels = batch["pseudo"]
+            pseudo = segmentation_loss(model(pseudo_images), pseudo_labels, self.cfg.aux_weight)["loss"]
+            backward(pseudo)
+            logs["pseudo"] = pseudo
+            logs["loss"] = logs["loss"] + pseudo
         return {name: value.detach() for name, value in logs.items()}

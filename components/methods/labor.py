@@ -82,6 +82,11 @@ class TwoHeadOutput(NamedTuple):
     a: torch.Tensor
     b: torch.Tensor
 
+    @property
+    def main(self) -> torch.Tensor:
+        """The mean of the two heads' logits: what validation scores the selector by."""
+        return (self.a + self.b) / 2
+
 
 def find_head_attribute(model: nn.Module) -> str:
     """The attribute that holds `model`'s final classifier (one of HEAD_ATTRIBUTES)."""
@@ -368,9 +373,11 @@ class OracleAnnotator:
     it is read, never copied or modified. All target pixels = the sum of their sizes.
     """
 
-    def __init__(self, ground_truth: Mapping[str, np.ndarray]):
+    def __init__(self, ground_truth: Mapping[str, np.ndarray], total_pixels: int | None = None):
         self._truth = ground_truth
-        self.total_pixels = int(sum(np.asarray(label).size for label in ground_truth.values()))
+        # given when `ground_truth` is read lazily (from files): counting would read every map
+        self.total_pixels = int(total_pixels if total_pixels is not None else
+                                sum(np.asarray(label).size for label in ground_truth.values()))
         if self.total_pixels == 0:
             raise ValueError("the oracle needs ground truth for at least one target pixel")
         self._ledger: list[dict] = []
@@ -487,3 +494,30 @@ class PixelSelectorTraining(Method):
             for p in heads:
                 p.requires_grad_(True)
         return {"loss": seg.detach(), "seg": seg.detach(), "discrepancy": heads_apart.detach()}
+
+
+class AnnotatedTargetTraining(Method):
+    """One step of LabOR's segmentation model A (roles: `labelled` = source with labels,
+    `annotated` = target images with the pixels the annotator revealed, IGNORE_INDEX elsewhere).
+
+    Cross-entropy (main + `aux_weight` x aux) on the source batch plus the same on the revealed
+    target pixels only, averaged over those pixels: a few labelled pixels per image weigh as much
+    as a whole source image, which is what makes 2-5 % of the labels worth asking for.
+    """
+
+    roles = ("labelled", "annotated")
+
+    def __init__(self, model: nn.Module, stage_cfg):
+        super().__init__()
+        self.cfg = stage_cfg
+        self.add_segmenter(model, stage_cfg.optimizer)
+
+    def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
+        from segshift.components.losses import segmentation_loss
+        model = self.modules["model"]
+        logs = segmentation_loss(model(batch["labelled"][0]), batch["labelled"][1], self.cfg.aux_weight)
+        target = segmentation_loss(model(batch["annotated"][0]), batch["annotated"][1], self.cfg.aux_weight)["loss"]
+        backward(logs["loss"] + target)
+        logs["target"] = target
+        logs["loss"] = logs["loss"] + target
+        return {name: value.detach() for name, value in logs.items()}

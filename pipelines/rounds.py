@@ -1,0 +1,484 @@
+"""Stages that train in rounds, with labelling between the rounds (`inter.method: lse | labor`,
+and `fda` with `methods.fda.ensemble_betas`).
+
+A round is an ordinary run of the engine (train.Round: its method, data and starting weights,
+its own checkpoints under `<checkpoints>/<stage>/<round>/`). Between rounds the driver predicts
+target train with the latest model and writes the next round's labels beside those checkpoints:
+
+- LSE: per round r the share p_r (0.1, 0.15, ... 0.4): the images among the p_r most confident
+  for some class, their pixels under their class's entropy threshold as pseudo-labels; each
+  round starts from the previous round's selected model.
+- FDA: one model per beta of the ensemble, their mean softmax pseudo-labels target train
+  (per-class confidence thresholds), then a self-training round of the `beta` model on them.
+- LabOR: per labelling stage, a pixel selector (two heads, trained on model A's predictions)
+  marks where its heads disagree; SPL/PPL choose pixels within the stage's share of the budget;
+  the annotator (the oracle, or a person via files) reveals them; model A trains on source plus
+  every target pixel revealed so far.
+
+A round whose labels were written (round.json) is not labelled again, and its training resumes
+from its checkpoint, so an interrupted stage picks up where it stopped. The last round's
+selected model is the stage's model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from segshift.components.data.dataset import PreparedSplit, read_label
+from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.engine.checkpoint import load_checkpoint
+from segshift.components.engine.loop import resolve_device
+from segshift.components.io import atomic_write_text, write_png
+from segshift.components.losses import normalised_entropy, upsample
+from segshift.components.methods import fda as fda_lib
+from segshift.components.methods import labor as labor_lib
+from segshift.components.methods import lse as lse_lib
+from segshift.components.pseudo_labels import (apply_class_thresholds, class_balanced_thresholds,
+                                               class_confidence_histogram, quantise_confidence)
+from segshift.pipelines.remote import push
+from segshift.pipelines.train import (Round, StageInputError, StageJob, initial_model, label_file,
+                                      load_stage_model, run_workers, stage_config)
+
+ROUND_FILE = "round.json"
+
+
+# -- shared machinery -------------------------------------------------------------------------------
+
+def split_iterations(total: int, rounds: int) -> list[int]:
+    """`total` steps over `rounds` rounds, as evenly as possible, every round at least one step."""
+    base, extra = divmod(max(total, rounds), rounds)
+    return [base + (1 if r < extra else 0) for r in range(rounds)]
+
+
+def stage_identity(job: StageJob) -> str:
+    """What a round's labels depend on besides the model it starts from: the stage's settings."""
+    params = job.config
+    identity = {"stage": stage_config(params, job.stage).model_dump(mode="json"),
+                "methods": params.methods.model_dump(mode="json"),
+                "model": params.model.model_dump(mode="json"), "seed": params.engine.seed}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RoundRunner:
+    """Trains rounds one after another and remembers which were labelled already."""
+
+    def __init__(self, job: StageJob, tracker):
+        self.job, self.tracker = job, tracker
+        self.params = job.config
+        self.cfg = stage_config(self.params, job.stage)
+        self.stage_dir = job.stage_checkpoint_dir
+        self.device = resolve_device(self.params.engine.device)
+        self.identity = stage_identity(job)
+        self.offset = 0
+        job.pull_checkpoints()
+
+    def labelled_before(self, name: str) -> dict | None:
+        """The saved round (and what labelling it reported) if its labels were written for these settings."""
+        path = self.stage_dir / name / ROUND_FILE
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        return saved if saved.get("identity") == self.identity else None
+
+    def save_round(self, spec: Round, report: dict, files: list[Path]) -> None:
+        path = self.stage_dir / spec.name / ROUND_FILE
+        atomic_write_text(path, json.dumps({"identity": self.identity, "round": dataclasses.asdict(spec),
+                                            "report": report}, indent=1))
+        push(self.params, self.job.project_dir, self.params.paths.checkpoints, files=[*files, path])
+
+    def train(self, spec: Round) -> tuple[StageJob, dict]:
+        job = dataclasses.replace(self.job, round=dataclasses.asdict(spec))
+        summary = run_workers(job, self.tracker.log_metrics)
+        self.offset = spec.step_offset + spec.iterations
+        return job, summary
+
+    def round_spec(self, name: str, method: str, iterations: int, data: dict, init: str | None,
+                   beta: float | None = None) -> Round:
+        return Round(name=name, method=method, iterations=iterations, step_offset=self.offset,
+                     data=data, init=init, beta=beta)
+
+    def model(self, init: str | None) -> torch.nn.Module:
+        """A round's starting network (None: the stage's init), on the device, in eval mode."""
+        model = load_stage_model(self.stage_dir / init, self.params) if init else initial_model(self.job)
+        return model.to(self.device).eval()
+
+    def target_train(self) -> PreparedSplit:
+        return PreparedSplit(self.job.prepared / "target", "train", need_labels=False)
+
+    def predict(self, models: list[torch.nn.Module], desc: str) -> Iterator[tuple[list[str], list]]:
+        """(sample ids, each model's output) for target train in batches, without gradients."""
+        dataset = self.target_train()
+        loader = DataLoader(dataset, batch_size=self.params.engine.eval_batch_size, shuffle=False)
+        start = 0
+        with torch.inference_mode():
+            for images, _ in tqdm(loader, desc=desc, disable=not self.job.progress, dynamic_ncols=True):
+                ids = [row["sample_id"] for row in dataset.rows[start:start + len(images)]]
+                start += len(images)
+                images = images.to(self.device)
+                yield ids, [model(images) for model in models]
+
+    def write_labels(self, name: str, labels: Mapping[str, np.ndarray]) -> list[Path]:
+        out = self.stage_dir / name / "labels"
+        files = []
+        for sample_id, label in labels.items():
+            path = label_file(out, sample_id)
+            write_png(path, np.asarray(label, np.uint8))
+            files.append(path)
+        return files
+
+    def need_images(self, name: str, ids: list[str]) -> None:
+        if len(ids) < self.cfg.batch_size:
+            raise StageInputError(f"{self.job.stage}, round {name}: {len(ids)} target images were "
+                                  f"labelled, fewer than {self.job.stage}.batch_size = {self.cfg.batch_size}")
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=self.offset)
+
+
+def source_and_target(labels_dir: str | None = None, ids: list[str] | None = None,
+                      target_role: str = "unlabelled") -> dict:
+    data = {"labelled": {"domain": "source", "ids": None, "labels_dir": None}}
+    data[target_role] = {"domain": "target", "ids": ids, "labels_dir": labels_dir}
+    return data
+
+
+def probabilities(output, size: tuple[int, int]) -> torch.Tensor:
+    return upsample(output.main.float(), size).softmax(1)
+
+
+def run_rounds(job: StageJob, tracker) -> tuple[StageJob, dict]:
+    """Train the stage's rounds; returns the last round's job (its best.pt is the stage's model)
+    and its training summary, with what labelling cost under `extra`."""
+    method = stage_config(job.config, job.stage).method
+    runners: dict[str, Callable] = {"lse": lse_rounds, "fda": fda_rounds, "labor": labor_rounds}
+    return runners[method](RoundRunner(job, tracker))
+
+
+# -- LSE --------------------------------------------------------------------------------------------
+
+def lse_pseudo_labels(runner: RoundRunner, init: str | None, share: float, desc: str) -> tuple[dict, dict]:
+    """The round's confident images (top `share` per class) and their entropy-filtered labels."""
+    model, size = runner.model(init), _image_size(runner)
+    ids, scores, predicted, entropy = [], [], [], []
+    for batch_ids, (out,) in runner.predict([model], desc):
+        probs = probabilities(out, size)
+        ids += batch_ids
+        scores.append(lse_lib.class_confidence_scores(probs).cpu())
+        predicted.append(probs.argmax(1).to(torch.uint8).cpu())
+        entropy.append(normalised_entropy(probs).to(torch.float16).cpu())
+    chosen = lse_lib.select_confident_images(torch.cat(scores), share)
+    kept_pred = torch.cat(predicted)[chosen].long()
+    kept_entropy = torch.cat(entropy)[chosen].float()
+    thresholds = lse_lib.class_entropy_thresholds(kept_entropy, kept_pred, share)
+    labels = lse_lib.select_pseudo_labels(kept_pred, kept_entropy, thresholds)
+    report = {"share": share, "images": len(chosen),
+              "labelled_pixels": float((labels != IGNORE_INDEX).float().mean())}
+    return {ids[i]: labels[k].numpy() for k, i in enumerate(chosen)}, report
+
+
+def _image_size(runner: RoundRunner) -> tuple[int, int]:
+    sizes = runner.target_train().sizes
+    if len(sizes) != 1:
+        raise StageInputError(f"{runner.job.stage}: target train images have {len(sizes)} sizes; "
+                              "resize them when preparing to train in rounds")
+    return next(iter(sizes))
+
+
+def lse_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
+    lse = runner.params.methods.lse
+    count = lse_lib.schedule_rounds(lse.share_start, lse.share_step, lse.share_max)
+    init, reports = None, []
+    for r, iterations in enumerate(split_iterations(runner.cfg.iterations, count)):
+        name = f"round-{r + 1}"
+        saved = runner.labelled_before(name)
+        if saved is None:
+            share = lse_lib.share_schedule(r, lse.share_start, lse.share_step, lse.share_max)
+            labels, report = lse_pseudo_labels(runner, init, share, f"lse {name}: pseudo-labels")
+            runner.need_images(name, list(labels))
+            spec = runner.round_spec(name, "lse", iterations,
+                                     source_and_target(f"{name}/labels", sorted(labels), "pseudo"), init)
+            runner.save_round(spec, report, runner.write_labels(name, labels))
+        else:
+            spec, report = Round(**saved["round"]), saved["report"]
+        runner.log({"lse_share": report["share"], "lse_images": report["images"],
+                    "lse_labelled_pixels": report["labelled_pixels"]})
+        reports.append({"round": name, **report})
+        job, summary = runner.train(spec)
+        init = f"{name}/best.pt"
+    summary["extra"] = {"rounds": reports}
+    return job, summary
+
+
+# -- FDA: multi-band ensemble + self-training --------------------------------------------------------
+
+def ensemble_pseudo_labels(runner: RoundRunner, inits: list[str]) -> tuple[dict, dict]:
+    """Argmax of the models' mean softmax; per class, pixels below the confidence of rank
+    `DEFAULT_CLASS_QUANTILE` (capped at `DEFAULT_THRESHOLD_CAP`) are ignored: FDA's rule, on
+    uint8-quantised confidences counted in histograms so no probability map is kept in memory."""
+    models = [runner.model(init) for init in inits]
+    size = _image_size(runner)
+    raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    histogram = 0
+    for ids, outputs in runner.predict(models, "fda: ensemble pseudo-labels"):
+        mean = fda_lib.multi_band_ensemble([probabilities(out, size) for out in outputs])
+        confidence, predicted = mean.max(1)
+        for sample_id, label, conf in zip(ids, predicted.cpu().numpy().astype(np.uint8),
+                                          quantise_confidence(confidence.cpu().numpy())):
+            raw[sample_id] = (label, conf)
+            histogram = histogram + class_confidence_histogram(label, conf)
+    levels = class_balanced_thresholds(histogram, 1 - fda_lib.DEFAULT_CLASS_QUANTILE)
+    levels = np.minimum(levels, quantise_confidence(np.float64(fda_lib.DEFAULT_THRESHOLD_CAP)))
+    labels = {sid: apply_class_thresholds(label, conf, levels) for sid, (label, conf) in raw.items()}
+    kept = float(np.mean([np.mean(label != IGNORE_INDEX) for label in labels.values()]))
+    return labels, {"images": len(labels), "labelled_pixels": kept}
+
+
+def fda_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
+    fda = runner.params.methods.fda
+    betas = list(fda.ensemble_betas)
+    iterations = split_iterations(runner.cfg.iterations, len(betas) + 1)
+    for beta, steps in zip(betas, iterations):
+        name = f"beta-{beta:g}"
+        spec = runner.round_spec(name, "fda", steps, source_and_target(), None, beta)
+        runner.train(spec)
+    name = "self-training"
+    saved = runner.labelled_before(name)
+    if saved is None:
+        labels, report = ensemble_pseudo_labels(runner, [f"beta-{b:g}/best.pt" for b in betas])
+        own = f"beta-{fda.beta:g}/best.pt" if fda.beta in betas else None
+        data = source_and_target()
+        data["pseudo"] = {"domain": "target", "ids": sorted(labels), "labels_dir": f"{name}/labels"}
+        spec = runner.round_spec(name, "fda", iterations[-1], data, own, fda.beta)
+        runner.save_round(spec, report, runner.write_labels(name, labels))
+    else:
+        spec, report = Round(**saved["round"]), saved["report"]
+    runner.log({"fda_pseudo_labelled_pixels": report["labelled_pixels"]})
+    job, summary = runner.train(spec)
+    summary["extra"] = {"ensemble": {"betas": betas, **report}}
+    return job, summary
+
+
+# -- LabOR ------------------------------------------------------------------------------------------
+
+class LazyLabels(Mapping):
+    """Target train ground truth read on demand (only the images the oracle is asked about)."""
+
+    def __init__(self, dataset: PreparedSplit):
+        self._paths = {row["sample_id"]: dataset.root / row["label"] for row in dataset.rows}
+
+    def __getitem__(self, sample_id: str) -> np.ndarray:
+        return read_label(self._paths[sample_id])
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+class AnnotationsPending(StageInputError):
+    """The file annotator asked a person for labels that are not there yet."""
+
+
+class FileAnnotator:
+    """A person labels the asked pixels: requests are written as masks (255 = label this pixel)
+    to `<dir>/<stage>/requests/<id>.png`; the answers are read from `<dir>/<stage>/labels/<id>.png`
+    (train ids; anything outside the request is ignored). Until every answer exists the stage
+    stops with AnnotationsPending, and running it again continues from there."""
+
+    def __init__(self, directory: Path, total_pixels: int):
+        self.directory = directory
+        self.books = labor_lib.OracleAnnotator(_AnswerFiles(self), total_pixels=total_pixels)
+        self.stage = "default"
+
+    def start_stage(self, name: str) -> None:
+        self.stage = name
+        self.books.start_stage(name)
+
+    def answer_path(self, sample_id: str) -> Path:
+        return label_file(self.directory / self.stage / "labels", sample_id)
+
+    def reveal(self, sample_ids, masks) -> list[np.ndarray]:
+        missing = []
+        for sample_id, mask in zip(sample_ids, masks):
+            request = label_file(self.directory / self.stage / "requests", sample_id)
+            if not request.is_file():
+                write_png(request, np.asarray(mask, np.uint8) * 255)
+            if not self.answer_path(sample_id).is_file():
+                missing.append(sample_id)
+        if missing:
+            raise AnnotationsPending(
+                f"LabOR {self.stage}: {len(missing)} images wait for labels (first: {missing[0]}); "
+                f"label the white pixels of {self.directory / self.stage / 'requests'}/<id>.png into "
+                f"{self.directory / self.stage / 'labels'}/<id>.png (train ids, 255 elsewhere) and run the stage again")
+        return self.books.reveal(sample_ids, masks)
+
+    @property
+    def ledger(self) -> list[dict]:
+        return self.books.ledger
+
+    @property
+    def total_pixels(self) -> int:
+        return self.books.total_pixels
+
+    @property
+    def revealed_share(self) -> float:
+        return self.books.revealed_share
+
+
+class _AnswerFiles(Mapping):
+    def __init__(self, annotator: FileAnnotator):
+        self._annotator = annotator
+
+    def __getitem__(self, sample_id: str) -> np.ndarray:
+        path = self._annotator.answer_path(sample_id)
+        if not path.is_file():
+            raise KeyError(sample_id)
+        return read_label(path)
+
+    def __contains__(self, sample_id) -> bool:
+        return self._annotator.answer_path(sample_id).is_file()
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def build_annotator(runner: RoundRunner):
+    labor = runner.params.methods.labor
+    dataset = PreparedSplit(runner.job.prepared / "target", "train")
+    total = sum(row["height"] * row["width"] for row in dataset.rows)
+    if labor.annotator == "files":
+        return FileAnnotator(runner.job.path(labor.annotations), total)
+    return labor_lib.OracleAnnotator(LazyLabels(dataset), total_pixels=total)
+
+
+def model_pseudo_labels(runner: RoundRunner, init: str | None, desc: str) -> dict[str, np.ndarray]:
+    """Model A's argmax on target train: what the pixel selector learns to reproduce."""
+    model, size = runner.model(init), _image_size(runner)
+    labels = {}
+    for ids, (out,) in runner.predict([model], desc):
+        for sample_id, label in zip(ids, probabilities(out, size).argmax(1).cpu().numpy()):
+            labels[sample_id] = label.astype(np.uint8)
+    return labels
+
+
+def selector_from(path: Path, runner: RoundRunner) -> labor_lib.TwoHeadSegmenter:
+    from segshift.components.models.factory import build_model
+    selector = labor_lib.TwoHeadSegmenter(build_model(runner.params.model.model_copy(update={"pretrained": None})))
+    selector.load_state_dict(load_checkpoint(path)["model"])
+    return selector.to(runner.device).eval()
+
+
+def select_pixels(runner: RoundRunner, selector_path: Path, revealed: dict[str, np.ndarray],
+                  share: float, desc: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per target image: the selector's inconsistency mask (pixels already labelled removed) and
+    the pixels SPL / PPL ask for within `share` of the image."""
+    labor = runner.params.methods.labor
+    selector, size = selector_from(selector_path, runner), _image_size(runner)
+    masks, asked = {}, {}
+    for ids, (out,) in runner.predict([selector], desc):
+        probs_a = upsample(out.a.float(), size).softmax(1)
+        probs_b = upsample(out.b.float(), size).softmax(1)
+        mask = labor_lib.inconsistency_mask(probs_a, probs_b).cpu().numpy()
+        for k, sample_id in enumerate(ids):
+            if sample_id in revealed:
+                mask[k] &= revealed[sample_id] == IGNORE_INDEX
+        if labor.selection == "spl":
+            chosen = labor_lib.segment_based_selection(
+                mask, share, labor_lib.pixel_discrepancy(probs_a, probs_b).cpu().numpy())
+        else:
+            chosen = labor_lib.prototype_point_selection(mask, ((probs_a + probs_b) / 2).cpu().numpy(),
+                                                         labor.points_per_image)
+        for k, sample_id in enumerate(ids):
+            masks[sample_id] = mask[k]
+            if chosen[k].any():
+                asked[sample_id] = chosen[k]
+    return masks, asked
+
+
+def merge_revealed(revealed: dict[str, np.ndarray], ids: list[str], answers: list[np.ndarray]) -> None:
+    for sample_id, answer in zip(ids, answers):
+        current = revealed.setdefault(sample_id, np.full(answer.shape, IGNORE_INDEX, np.uint8))
+        known = answer != IGNORE_INDEX
+        current[known] = answer[known]
+
+
+def white(mask: np.ndarray) -> np.ndarray:
+    return np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
+
+
+def labor_picture(runner: RoundRunner, masks: dict, asked: dict, revealed: dict, stage: str) -> None:
+    """Target images with the selector's disagreement, the asked pixels and the labels so far."""
+    from segshift.components.visualize import colorize, denormalise, grid
+    dataset = runner.target_train()
+    index = {row["sample_id"]: i for i, row in enumerate(dataset.rows)}
+    rows = [[denormalise(dataset[index[sample_id]][0].numpy()), white(masks[sample_id]),
+             white(asked[sample_id]), colorize(revealed[sample_id])] for sample_id in sorted(asked)[:4]]
+    if not rows:
+        return
+    out = runner.job.path(runner.params.paths.reports) / runner.job.stage / f"labor_{stage}.png"
+    write_png(out, grid(rows))
+    if runner.tracker is not None:
+        runner.tracker.log_artifact(out, "labor")
+
+
+def check_budget(annotator, asked: dict[str, np.ndarray], labor) -> None:
+    """PPL's clicks are counted per image, not per pixel: they must still fit the label budget."""
+    asking = sum(int(mask.sum()) for mask in asked.values()) / annotator.total_pixels
+    if annotator.revealed_share + asking > labor.label_budget + 1e-9:
+        raise StageInputError(
+            f"methods.labor: this stage asks for {100 * asking:.2f} % of target pixels on top of "
+            f"{100 * annotator.revealed_share:.2f} % revealed, over label_budget = {labor.label_budget}; "
+            "lower points_per_image or raise the budget")
+
+
+def labor_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
+    labor = runner.params.methods.labor
+    annotator = build_annotator(runner)
+    revealed: dict[str, np.ndarray] = {}
+    init = None
+    model_steps = split_iterations(runner.cfg.iterations, labor.stages)
+    for k in range(1, labor.stages + 1):
+        stage = f"stage-{k}"
+        annotator.start_stage(stage)
+        selector_name = f"{stage}-selector"
+        if runner.labelled_before(selector_name) is None:
+            labels = model_pseudo_labels(runner, init, f"labor {stage}: model A's predictions")
+            spec = runner.round_spec(selector_name, "labor-selector", labor.selector_iterations,
+                                     {"pseudo": {"domain": "target", "ids": sorted(labels),
+                                                 "labels_dir": f"{selector_name}/labels"}}, init)
+            runner.save_round(spec, {}, runner.write_labels(selector_name, labels))
+        else:
+            spec = Round(**runner.labelled_before(selector_name)["round"])
+        selector_job, _ = runner.train(spec)
+        masks, asked = select_pixels(runner, selector_job.checkpoint_dir / "best.pt", revealed,
+                                     labor.label_budget / labor.stages, f"labor {stage}: selection")
+        ids = sorted(asked)
+        check_budget(annotator, asked, labor)
+        merge_revealed(revealed, ids, annotator.reveal(ids, [asked[i] for i in ids]))
+        labor_picture(runner, masks, asked, revealed, stage)
+        book = annotator.ledger[-1]
+        runner.log({"labor_labelled_share": annotator.revealed_share, "labor_stage_pixels": book["pixels"],
+                    "labor_stage_regions": book["regions"]})
+        runner.need_images(stage, list(revealed))
+        data = source_and_target(f"{stage}/labels", sorted(revealed), "annotated")
+        spec = runner.round_spec(stage, "labor-model", model_steps[k - 1], data, init)
+        runner.save_round(spec, book, runner.write_labels(stage, revealed))
+        job, summary = runner.train(spec)
+        init = f"{stage}/best.pt"
+    summary["extra"] = {"labels": {"share": annotator.revealed_share, "annotator": labor.annotator,
+                                   "selection": labor.selection, "budget": labor.label_budget,
+                                   "stages": annotator.ledger}}
+    return job, summary

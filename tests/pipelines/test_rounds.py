@@ -1,0 +1,134 @@
+"""Stages that train in rounds: LSE, FDA's multi-band ensemble + self-training, LabOR's labelling stages."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from segshift.components.data.dataset import read_label
+from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.data.manifest import read_manifest
+from segshift.pipelines.cli import main
+from segshift.pipelines.rounds import split_iterations
+from tests.conftest import write_params
+
+FAST = {"source.iterations": 2, "source.batch_size": 2, "inter.batch_size": 2,
+        "engine.val_every": 2, "engine.checkpoint_every": 2, "engine.log_every": 1,
+        "model.width": 0.125}
+
+
+def run(project: Path, overrides: dict) -> int:
+    params = write_params(project, {**FAST, **overrides})
+    return main(["train", "--params", str(params), "--stage", "inter", "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rounds")
+    params = write_params(root, FAST)
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    import os
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["train", "--params", str(params), "--stage", "source", "--quiet"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def target_truth(project: Path) -> dict[str, np.ndarray]:
+    target = project / "prepared" / "target"
+    return {r["sample_id"]: read_label(target / r["label"])
+            for r in read_manifest(target).to_pylist() if r["split"] == "train"}
+
+
+def inter_run(project: Path):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("segshift")
+    runs = client.search_runs([experiment.experiment_id], "tags.`segshift.stage` = 'inter'",
+                              order_by=["attributes.start_time DESC"])
+    return client, runs[0]
+
+
+def test_split_iterations_shares_every_step():
+    assert split_iterations(10, 3) == [4, 3, 3]
+    assert split_iterations(2, 3) == [1, 1, 1]      # every round trains at least once
+
+
+def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeypatch):
+    monkeypatch.chdir(project)
+    shares = {"methods.lse.share_start": 0.2, "methods.lse.share_step": 0.3, "methods.lse.share_max": 0.8,
+              "methods.lse.crops_per_image": 2, "inter.method": "lse", "inter.iterations": 6}
+    assert run(project, shares) == 0
+    metrics = json.loads((project / "metrics" / "inter.json").read_text())
+    rounds = metrics["rounds"]
+    assert [r["share"] for r in rounds] == pytest.approx([0.2, 0.5, 0.8])
+    # a larger per-class share never selects fewer images
+    assert [r["images"] for r in rounds] == sorted(r["images"] for r in rounds)
+    stage_dir = project / "checkpoints" / "inter"
+    truth = target_truth(project)
+    for r in (1, 2, 3):
+        labels = sorted((stage_dir / f"round-{r}" / "labels").glob("*.png"))
+        assert len(labels) == rounds[r - 1]["images"]
+        label = read_label(labels[0])
+        assert label.shape == next(iter(truth.values())).shape
+        # the entropy thresholds leave some pixels unlabelled (p < 1)
+        assert (label == IGNORE_INDEX).any()
+        assert (stage_dir / f"round-{r}" / "best.pt").is_file()
+    # the rounds continue one MLflow history: 2 + 2 + 2 steps
+    client, inter = inter_run(project)
+    steps = [m.step for m in client.get_metric_history(inter.info.run_id, "loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert {"target", "lse_share", "lse_images"} <= set(inter.data.metrics)
+
+    # a second run: every round is labelled and trained already -> nothing changes
+    before = {p: p.stat().st_mtime_ns for p in stage_dir.rglob("*.png")}
+    assert run(project, shares) == 0
+    assert {p: p.stat().st_mtime_ns for p in stage_dir.rglob("*.png")} == before
+
+
+def test_fda_ensemble_pseudo_labels_then_self_training(project, monkeypatch):
+    monkeypatch.chdir(project)
+    assert run(project, {"inter.method": "fda", "inter.iterations": 8,
+                         "methods.fda.ensemble_betas": [0.01, 0.05, 0.09]}) == 0
+    stage_dir = project / "checkpoints" / "inter"
+    for name in ("beta-0.01", "beta-0.05", "beta-0.09", "self-training"):
+        assert (stage_dir / name / "best.pt").is_file(), name
+    labels = sorted((stage_dir / "self-training" / "labels").glob("*.png"))
+    assert len(labels) == len(target_truth(project))       # every target train image
+    metrics = json.loads((project / "metrics" / "inter.json").read_text())
+    assert metrics["ensemble"]["betas"] == [0.01, 0.05, 0.09]
+    assert 0 < metrics["ensemble"]["labelled_pixels"] < 1   # per-class thresholds drop some pixels
+    client, inter = inter_run(project)
+    assert "pseudo" in inter.data.metrics                   # the self-training round's own loss
+
+
+@pytest.mark.parametrize("selection", ["spl", "ppl"])
+def test_labor_reveals_only_asked_pixels_within_the_budget(project, monkeypatch, selection):
+    monkeypatch.chdir(project)
+    budget = 0.06
+    assert run(project, {"inter.method": "labor", "inter.iterations": 4, "methods.labor.stages": 2,
+                         "methods.labor.selector_iterations": 2, "methods.labor.selection": selection,
+                         "methods.labor.label_budget": budget, "methods.labor.points_per_image": 5}) == 0
+    metrics = json.loads((project / "metrics" / "inter.json").read_text())
+    labels = metrics["labels"]
+    assert [s["stage"] for s in labels["stages"]] == ["stage-1", "stage-2"]
+    assert 0 < labels["share"] <= budget
+    truth = target_truth(project)
+    total = sum(t.size for t in truth.values())
+    stage_dir = project / "checkpoints" / "inter"
+    revealed = {p.stem: read_label(p) for p in (stage_dir / "stage-2" / "labels").glob("*.png")}
+    known = sum(int((r != IGNORE_INDEX).sum()) for r in revealed.values())
+    assert known / total <= labels["share"] + 1e-9
+    for sample_id, label in revealed.items():
+        asked = label != IGNORE_INDEX
+        # whatever was revealed is the ground truth of those pixels
+        assert np.array_equal(label[asked], truth[sample_id][asked])
+    if selection == "ppl":   # points, not regions: at most points_per_image per image and stage
+        assert all(int((r != IGNORE_INDEX).sum()) <= 2 * 5 for r in revealed.values())
+    assert (project / "reports" / "inter" / "labor_stage-1.png").is_file()
+    client, inter = inter_run(project)
+    artifacts = [a.path for a in client.list_artifacts(inter.info.run_id, "labor")]
+    assert "labor/labor_stage-1.png" in artifacts
