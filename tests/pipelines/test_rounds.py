@@ -132,3 +132,30 @@ def test_labor_reveals_only_asked_pixels_within_the_budget(project, monkeypatch,
     client, inter = inter_run(project)
     artifacts = [a.path for a in client.list_artifacts(inter.info.run_id, "labor")]
     assert "labor/labor_stage-1.png" in artifacts
+
+
+def test_a_person_can_take_the_oracles_place_through_files(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    overrides = {"inter.method": "labor", "inter.iterations": 2, "methods.labor.stages": 2,
+                 "methods.labor.selector_iterations": 1, "methods.labor.annotator": "files",
+                 "methods.labor.annotations": "asks", "methods.labor.label_budget": 0.05}
+    truth = target_truth(project)
+    for stage in ("stage-1", "stage-2"):
+        assert run(project, overrides) == 2            # waits for the person
+        err = capsys.readouterr().err
+        requests, answers = project / "asks" / stage / "requests", project / "asks" / stage / "labels"
+        assert f"label the white pixels of {requests}" in err and str(answers) in err
+        for request in requests.glob("*.png"):
+            asked = read_label(request) == 255
+            answer = np.full(asked.shape, 7, np.uint8)  # a careless person labels everything...
+            answer[asked] = truth[request.stem][asked]  # ...but only the asked pixels are taken
+            answers.mkdir(parents=True, exist_ok=True)
+            from segshift.components.io import write_png
+            write_png(answers / request.name, answer)
+    assert run(project, overrides) == 0
+    labels = json.loads((project / "metrics" / "inter.json").read_text())["labels"]
+    assert labels["annotator"] == "files" and 0 < labels["share"] <= 0.05
+    for path in (project / "checkpoints" / "inter" / "stage-2" / "labels").glob("*.png"):
+        label = read_label(path)
+        known = label != IGNORE_INDEX
+        assert np.array_equal(label[known], truth[path.stem][known])

@@ -161,3 +161,52 @@ def test_pixel_selector_step_routes_the_discrepancy_game(tmp_path):
         sign = -1.0 if name in heads else 1.0
         expected = (g_seg if g_seg is not None else 0) + sign * w * (g_d if g_d is not None else 0)
         assert torch.allclose(got[name], torch.as_tensor(expected), atol=1e-5), name
+
+
+def test_fda_self_training_round_adds_the_pseudo_label_loss_at_its_own_beta(tmp_path):
+    params = _params(tmp_path, **{"inter.method": "fda", "methods.fda.entropy_weight": 0.0})
+    torch.manual_seed(0)
+    method = FDA(build_model(params.model), params.inter, params.methods.fda, beta=0.09, self_training=True)
+    assert method.beta == 0.09 and method.roles == ("labelled", "unlabelled", "pseudo")
+    batch = {**_batch(), "pseudo": _batch()["labelled"]}
+    logs, calls = _step(method, batch, step=0)
+    assert len(calls) == 2 and logs["pseudo"] > 0
+    assert logs["loss"] == pytest.approx((logs["seg_main"] + params.inter.aux_weight * logs["seg_aux0"]
+                                          + logs["pseudo"]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="beta = 0.6"):
+        FDA(build_model(params.model), params.inter, params.methods.fda, beta=0.6)
+
+
+def test_labor_model_step_learns_only_from_the_revealed_target_pixels(tmp_path):
+    from segshift.components.methods.labor import AnnotatedTargetTraining
+    params = _params(tmp_path)
+    torch.manual_seed(0)
+    method = AnnotatedTargetTraining(build_model(params.model), params.inter)
+    source = _batch()["labelled"]
+    images = torch.randn(2, 3, 32, 64)
+    sparse = torch.full((2, 32, 64), 255, dtype=torch.long)
+    sparse[:, 3, 5] = 13
+    logs, _ = _step(method, {"labelled": source, "annotated": (images, sparse)}, step=0)
+    from segshift.components.losses import labelled_cross_entropy, segmentation_loss, upsample
+    with torch.no_grad():
+        out = method.segmenter(images)
+        expected = segmentation_loss(out, sparse, params.inter.aux_weight)["loss"]
+        # only the revealed pixel (3, 5) of each image counts
+        at_pixel = labelled_cross_entropy(upsample(out.main, (32, 64))[:, :, 3:4, 5:6], sparse[:, 3:4, 5:6])
+    assert logs["target"] == pytest.approx(expected.item(), rel=1e-4)
+    assert segmentation_loss(out, sparse, 0.0)["loss"].item() == pytest.approx(at_pixel.item(), rel=1e-4)
+    assert logs["loss"] == pytest.approx((logs["seg_main"] + params.inter.aux_weight * logs["seg_aux0"]
+                                          + logs["target"]).item(), rel=1e-5)
+    assert all(p.grad is not None for p in method.segmenter.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"intra.method": "lse"}, "intra.method: 'lse' adapts source -> target in rounds"),
+    ({"intra.method": "labor"}, "intra.method: 'labor'"),
+    ({"intra.method": "fda", "methods.fda.ensemble_betas": [0.01, 0.05]}, "ensemble runs in inter only"),
+    ({"methods.fda.ensemble_betas": [0.01, 0.5]}, "ensemble_betas: 0.5 is outside"),
+    ({"inter.method": "adaptsegnet", "model.aux_head": False}, "adv_weight_aux = 0.0002 adapts a second output level"),
+])
+def test_method_and_model_combinations_that_cannot_work_are_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        _params(tmp_path, **overrides)
