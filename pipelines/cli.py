@@ -25,9 +25,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from segshift.components.ranking import RankingError
     from segshift.pipelines.cluster import ClusterError
     from segshift.pipelines.sweep import SweepError
+    from segshift.pipelines.compare import CompareError
     return USER_ERRORS + (ManifestError, StorageError, IngestError, ModelError, CheckpointError,
                           EngineError, TrainingDiverged, StageInputError, RankingError, SweepError,
-                          ClusterError)
+                          ClusterError, CompareError)
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.bench import build_bench_parser
     from segshift.pipelines.calibrate import build_calibrate_parser
+    from segshift.pipelines.compare import build_compare_parser
     from segshift.pipelines.ingest import build_ingest_parser
     from segshift.pipelines.preview import build_preview_parser
     from segshift.pipelines.train import build_train_parser
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_rank_parser(sub, _add_params)
     build_evaluate_parser(sub, _add_params)
     build_seeds_parser(sub, _add_params)
+    build_compare_parser(sub, _add_params)
     build_sweep_parser(sub, _add_params)
     build_ingest_parser(sub)
     build_calibrate_parser(sub, _add_params)

@@ -1,0 +1,252 @@
+"""`segshift compare`: the plan (validated before training), the numbers, the report, a tiny run."""
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from segshift.components.config import ConfigError, load_params
+from segshift.components.data.labels import CLASS_NAMES
+from segshift.pipelines.cli import main
+from segshift.pipelines.compare import (CompareError, aggregate, build_plan, compare_markdown,
+                                        miou_picture, per_class_picture)
+from tests.conftest import write_params
+
+TINY = {f"{stage}.{key}": 2 for stage in ("source", "oracle", "inter", "intra")
+        for key in ("iterations", "batch_size")}
+FAST = {**TINY, "engine.val_every": 2, "engine.checkpoint_every": 2, "model.width": 0.125,
+        "rank.lambda": 0.5, "ray.local_num_cpus": 1}
+COMPARE_SET = {"source.iterations": 2, "oracle.iterations": 2, "inter.iterations": 2, "intra.iterations": 2}
+
+
+def compare_params(directory: Path, entries: dict | None = None, common: dict | None = None) -> Path:
+    overrides = {**FAST, "compare.out_dir": str(directory / "runs"),
+                 "compare.report": str(directory / "reports" / "compare.md"),
+                 "compare.set": COMPARE_SET if common is None else common,
+                 "tracking.uri": f"sqlite:///{directory / 'mlflow.db'}"}
+    if entries is not None:
+        overrides["compare.entries"] = entries
+    return write_params(directory, overrides)
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(tmp_path):
+    params = load_params(compare_params(tmp_path, common={"source.iterations": 7, "inter.iterations": 5}))
+    plan = build_plan(params, seeds=[3, 4])
+    assert [(r.entry, r.seed) for r in plan.runs[:2]] == [("source-only", 3), ("augmentation", 3)]
+    assert len(plan.runs) == 2 * len(params.compare.entries)
+    for run in plan.runs:
+        p = run.params
+        assert p.engine.seed == run.seed and p.source.iterations == 7 and p.inter.iterations == 5
+        assert run.run_dir == tmp_path / "runs" / run.entry / f"seed-{run.seed}"
+        outputs = [*p.paths.model_dump().values(), p.rank.out_dir, p.evaluate.out]
+        assert all(str(o).startswith(str(run.run_dir) + "/") for o in outputs)
+        assert p.prepare == params.prepare
+    runs = {(r.entry, r.seed): r for r in plan.runs}
+    assert runs["dacs", 3].params.inter.method == "dacs"
+    assert runs["minent", 4].params.inter.method == "minent"
+    assert runs["augmentation", 3].params.source.augment is not None
+    assert runs["source-only", 3].params.source.augment is None
+    assert runs["bisenet-dacs", 3].params.model.name == "bisenet"
+    assert runs["intrada", 3].reported == "intra" and runs["oracle", 3].reported == "oracle"
+    assert plan.baselines["dacs"] == "source-only" and plan.baselines["bisenet-dacs"] == "bisenet-source-only"
+
+
+def test_entries_with_the_same_source_settings_share_one_source_per_seed(tmp_path):
+    plan = build_plan(load_params(compare_params(tmp_path)), seeds=[0, 1])
+    runs = {(r.entry, r.seed): r for r in plan.runs}
+    shared = {runs[e, 0].source.run_dir for e in ("source-only", "adaptsegnet", "minent", "advent",
+                                                  "intrada", "fda", "dacs")}
+    assert len(shared) == 1
+    (source_dir,) = shared
+    assert source_dir.parent.parent == tmp_path / "runs" / "_source" and source_dir.name == "seed-0"
+    assert runs["minent", 1].source.run_dir == source_dir.parent / "seed-1"
+    assert runs["minent", 1].source.params.paths.models == str(source_dir.parent / "seed-1" / "models")
+    assert runs["augmentation", 0].source.run_dir != source_dir          # source.augment differs
+    assert runs["bisenet-dacs", 0].source.run_dir == runs["bisenet-source-only", 0].source.run_dir
+    assert runs["bisenet-dacs", 0].source.run_dir != source_dir          # another model
+    assert runs["oracle", 0].source is None
+
+
+@pytest.mark.parametrize("entries, common, expected", [
+    ({"bad": {"stages": ["source", "inter"], "set": {"inter.methd": "dacs"}}}, None,
+     ["compare.entries.bad.set.inter.methd", "unknown key"]),
+    ({"bad": {"stages": ["source", "inter"], "set": {"inter.method": "magic"}}}, None,
+     ["compare.entries.bad.set.inter.method", "compare entry 'bad'", "inter.method", "magic"]),
+    ({"bad": {"stages": ["source"], "set": {"source.augment.scale": [0.5, 2.0]}}}, None,
+     ["compare.entries.bad.set.source.augment.scale", "not a section"]),
+    ({"ok": {"stages": ["source"]}}, {"source.iteration": 3},
+     ["compare.set.source.iteration", "unknown key"]),
+    ({"ok": {"stages": ["source"]}}, {"source.iterations": 0},
+     ["compare.set.source.iterations", "source.iterations", "greater than or equal to 1"]),
+    ({"bad": {"stages": ["inter"]}}, None, ["compare.entries.bad.stages", "needs source before it"]),
+    ({"_source": {"stages": ["source"]}}, None, ["compare.entries._source: an entry name is a directory name"]),
+    ({"bad": {"stages": ["source", "inter", "intra"]}}, None,
+     ["compare.entries.bad.stages", "intra", "needs rank before it"]),
+])
+def test_bad_settings_fail_before_anything_trains_naming_entry_and_key(tmp_path, entries, common, expected):
+    params = load_params(compare_params(tmp_path, entries=entries, common=common))
+    with pytest.raises(ConfigError) as err:
+        build_plan(params)
+    for text in expected:
+        assert text in str(err.value)
+
+
+def test_unknown_entries_on_the_command_line_are_refused_listing_the_entries(tmp_path, capsys):
+    path = compare_params(tmp_path)
+    with pytest.raises(CompareError, match="unknown entry dacz; compare.entries has: source-only, augmentation"):
+        build_plan(load_params(path), entries=["minent", "dacz"])
+    assert main(["compare", "--params", str(path), "--entries", "dacz", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "segshift compare: error: unknown entry dacz" in err and "bisenet-dacs" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_restricted_plan_runs_only_the_named_entries_and_seeds(tmp_path):
+    plan = build_plan(load_params(compare_params(tmp_path)), entries=["dacs", "oracle"], seeds=[5])
+    assert [(r.entry, r.seed) for r in plan.runs] == [("dacs", 5), ("oracle", 5)]
+    assert plan.baselines == {"dacs": None, "oracle": None}
+
+
+# -- the numbers and the report ----------------------------------------------------------------------
+
+def stage_metrics(miou: float, seconds: float, share: float | None = None, car: float = 0.5) -> dict:
+    per_class = {c: miou for c in CLASS_NAMES} | {"car": car, "train": float("nan")}
+    metrics = {"test": {"miou": miou, "miou_16": miou, "miou_13": miou, "per_class_iou": per_class},
+               "seconds": seconds}
+    if share is not None:
+        metrics["labels"] = {"share": share}
+    return metrics
+
+
+SYNTHETIC_ENTRIES = {
+    "source-only": {"stages": ["source"], "model": "M", "baseline": "source-only", "shared_source": True},
+    "advent": {"stages": ["source", "inter"], "model": "M", "baseline": "source-only", "shared_source": True},
+    "labor": {"stages": ["source", "inter"], "model": "M", "baseline": "source-only", "shared_source": True},
+    "oracle": {"stages": ["oracle"], "model": "M", "baseline": "source-only", "shared_source": False},
+}
+SYNTHETIC_RUNS = {
+    "source-only": {s: {"source": stage_metrics(m, 10.0)} for s, m in [(0, 0.20), (1, 0.22), (2, 0.24)]},
+    "advent": {s: {"source": stage_metrics(0.2, 10.0), "inter": stage_metrics(m, t, car=c)}
+               for s, m, t, c in [(0, 0.25, 4.0, 0.6), (1, 0.26, 5.0, 0.7), (2, 0.30, 6.0, 0.8)]},
+    "labor": {s: {"source": stage_metrics(0.2, 10.0), "inter": stage_metrics(0.3, 3.0, share=sh)}
+              for s, sh in [(0, 0.02), (1, 0.04), (2, 0.03)]},
+    "oracle": {s: {"oracle": stage_metrics(m, 20.0)} for s, m in [(0, 0.5), (1, 0.52), (2, 0.54)]},
+}
+
+
+def test_aggregate_gives_mean_std_delta_share_time_and_per_class():
+    result = aggregate(SYNTHETIC_ENTRIES, SYNTHETIC_RUNS)
+    advent = result["advent"]
+    assert advent["miou"] == {"0": 0.25, "1": 0.26, "2": 0.30}
+    assert advent["miou_mean"] == pytest.approx(0.27)
+    assert advent["miou_std"] == pytest.approx(statistics.stdev([0.25, 0.26, 0.30]))
+    assert advent["delta_vs_source_only"] == pytest.approx(0.27 - 0.22)
+    assert result["source-only"]["delta_vs_source_only"] == pytest.approx(0.0)
+    assert result["oracle"]["delta_vs_source_only"] == pytest.approx(0.52 - 0.22)
+    assert advent["labelled_share_mean"] == 0.0
+    assert result["oracle"]["labelled_share"] == {"0": 1.0, "1": 1.0, "2": 1.0}
+    assert result["labor"]["labelled_share_mean"] == pytest.approx(0.03)
+    # the shared source counts in the total, not in the method time (unless it is the result)
+    assert advent["method_seconds_mean"] == pytest.approx(5.0)
+    assert advent["total_seconds_mean"] == pytest.approx(15.0)
+    assert result["source-only"]["method_seconds_mean"] == pytest.approx(10.0)
+    assert result["oracle"]["method_seconds_mean"] == pytest.approx(20.0)
+    assert advent["per_class_iou_mean"]["car"] == pytest.approx(0.7)
+    assert advent["per_class_iou_mean"]["train"] is None
+    assert advent["reported_stage"] == "inter"
+
+
+def test_markdown_and_pictures_from_synthetic_results():
+    result = aggregate(SYNTHETIC_ENTRIES, SYNTHETIC_RUNS)
+    summary = {"seeds": [0, 1, 2], "entries": result,
+               "models": {"M": {"config": {}, "entries": list(result), "best_entry": "oracle",
+                                "best_miou_mean": 0.52,
+                                "profile": {"params_m": 0.8, "gflops": 1.234, "latency_ms_mean": 12.0,
+                                            "latency_ms_std": 0.5, "fps": 83.3}}},
+               "profile": {"device": "cpu (2 threads)", "height": 64, "width": 128}}
+    text = compare_markdown(summary)
+    assert "| advent | 27.0 ± 2.6 | 25.0, 26.0, 30.0 | +5.0 | 0.0 % | 5.0 | 15.0 |" in text
+    assert "| oracle | 52.0 ± 2.0 | 50.0, 52.0, 54.0 | +30.0 | 100.0 % | 20.0 | 20.0 |" in text
+    assert "| labor | 30.0 ± 0.0 | 30.0, 30.0, 30.0 | +8.0 | 3.0 % |" in text
+    assert "| source-only | 22.0 ± 2.0 | 20.0, 22.0, 24.0 | (reference) |" in text
+    assert "| entry | " + " | ".join(CLASS_NAMES) + " |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| advent | 27.0 | 27.0"))
+    assert row.split(" | ")[CLASS_NAMES.index("car") + 1] == "70.0"
+    assert row.split(" | ")[CLASS_NAMES.index("train") + 1] == "–"
+    assert "| M | source-only, advent, labor, oracle | 0.80 | 1.23 | 12.0 ± 0.5 | 83.3 | 52.0 (oracle) |" in text
+    assert "64×128 (H×W), batch 1, on cpu (2 threads)" in text
+    for picture in (miou_picture(result), per_class_picture(result)):
+        assert picture[:8] == b"\x89PNG\r\n\x1a\n" and len(picture) > 10_000
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+def test_two_entries_two_seeds_end_to_end_then_a_rerun_skips_everything(tmp_path, monkeypatch, capsys):
+    entries = {"source-only": {"stages": ["source"]},
+               "minent": {"stages": ["source", "inter"], "set": {"inter.method": "minent"}}}
+    params_path = compare_params(tmp_path, entries=entries)
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--params", str(params_path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--params", str(params_path), "--seeds", "0", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("training the shared source") == 2                 # once per seed, not per entry
+    assert "compare: minent seed 1: inter done (" in out and "mIoU)" in out
+    runs = tmp_path / "runs"
+    (source_key,) = [p.name for p in (runs / "_source").iterdir()]
+    for seed in (0, 1):
+        shared = runs / "_source" / source_key / f"seed-{seed}"
+        for entry in entries:
+            copied = runs / entry / f"seed-{seed}" / "models" / "source" / "model.pt"
+            assert copied.read_bytes() == (shared / "models" / "source" / "model.pt").read_bytes()
+        assert (runs / "minent" / f"seed-{seed}" / "models" / "inter" / "model.pt").is_file()
+        assert not (runs / "minent" / f"seed-{seed}" / "checkpoints" / "source").exists()
+
+    reports = tmp_path / "reports"
+    summary = json.loads((reports / "compare.json").read_text())
+    assert summary["seeds"] == [0, 1] and list(summary["entries"]) == ["source-only", "minent"]
+    for entry, stage in (("source-only", "source"), ("minent", "inter")):
+        for seed in (0, 1):
+            metrics = json.loads((runs / entry / f"seed-{seed}" / "metrics" / f"{stage}.json").read_text())
+            assert summary["entries"][entry]["miou"][str(seed)] == metrics["test"]["miou"]
+            assert summary["entries"][entry]["labelled_share"][str(seed)] == 0.0
+    minent = summary["entries"]["minent"]
+    assert minent["delta_vs_source_only"] == pytest.approx(
+        minent["miou_mean"] - summary["entries"]["source-only"]["miou_mean"])
+    (model,) = summary["models"].values()
+    assert model["entries"] == ["source-only", "minent"] and model["profile"]["gflops"] > 0
+    assert summary["profile"]["height"] == 64 and summary["profile"]["width"] == 128
+    text = (reports / "compare.md").read_text()
+    assert "| minent |" in text and "## Per-class IoU" in text and "## Real-time analysis" in text
+    for name in ("compare_miou.png", "compare_per_class.png"):
+        with Image.open(reports / name) as image:
+            assert image.width > 300 and image.height > 200
+        assert (reports / name).stat().st_size > 10_000
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("segshift")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`segshift.stage` = 'compare'")
+    assert run.info.run_name == "compare" and run.info.status == "FINISHED"
+    assert run.data.metrics["miou_mean/minent"] == pytest.approx(minent["miou_mean"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
+        "compare.md", "compare.json", "compare_miou.png", "compare_per_class.png"}
+    sources = client.search_runs([experiment.experiment_id], "tags.`segshift.stage` = 'source'")
+    assert len(sources) == 2
+
+    # A rerun trains nothing: every run is found done for the same params.
+    models = sorted(runs.rglob("model.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in models}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a rerun must not train")
+    monkeypatch.setattr("segshift.pipelines.train.train_stage", no_training)
+    assert main(["compare", "--params", str(params_path), "--seeds", "0", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 4 and "training the shared source" not in out
+    assert {p: p.stat().st_mtime_ns for p in sorted(runs.rglob("model.pt"))} == stamps
+    again = json.loads((reports / "compare.json").read_text())
+    assert {e: v["miou"] for e, v in again["entries"].items()} == {e: v["miou"] for e, v in summary["entries"].items()}
