@@ -454,14 +454,15 @@ def labor_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
         stage = f"stage-{k}"
         annotator.start_stage(stage)
         selector_name = f"{stage}-selector"
-        if runner.labelled_before(selector_name) is None:
+        saved = runner.labelled_before(selector_name)
+        if saved is None:
             labels = model_pseudo_labels(runner, init, f"labor {stage}: model A's predictions")
             spec = runner.round_spec(selector_name, "labor-selector", labor.selector_iterations,
                                      {"pseudo": {"domain": "target", "ids": sorted(labels),
                                                  "labels_dir": f"{selector_name}/labels"}}, init)
             runner.save_round(spec, {}, runner.write_labels(selector_name, labels))
         else:
-            spec = Round(**runner.labelled_before(selector_name)["round"])
+            spec = Round(**saved["round"])
         selector_job, _ = runner.train(spec)
         masks, asked = select_pixels(runner, selector_job.checkpoint_dir / "best.pt", revealed,
                                      labor.label_budget / labor.stages, f"labor {stage}: selection")
