@@ -22,6 +22,7 @@ selected model is the stage's model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
@@ -110,12 +111,23 @@ class RoundRunner:
         model = load_stage_model(self.stage_dir / init, self.params) if init else initial_model(self.job)
         return model.to(self.device).eval()
 
+    @functools.cached_property
     def target_train(self) -> PreparedSplit:
+        """Target train images (the manifest is read once per stage, not once per pass)."""
         return PreparedSplit(self.job.prepared / "target", "train", need_labels=False)
+
+    @functools.cached_property
+    def image_size(self) -> tuple[int, int]:
+        """The one (height, width) of target train: labels are written at image size."""
+        sizes = self.target_train.sizes
+        if len(sizes) != 1:
+            raise StageInputError(f"{self.job.stage}: target train images have {len(sizes)} sizes; "
+                                  "resize them when preparing to train in rounds")
+        return next(iter(sizes))
 
     def predict(self, models: list[torch.nn.Module], desc: str) -> Iterator[tuple[list[str], list]]:
         """(sample ids, each model's output) for target train in batches, without gradients."""
-        dataset = self.target_train()
+        dataset = self.target_train
         loader = DataLoader(dataset, batch_size=self.params.engine.eval_batch_size, shuffle=False)
         start = 0
         with torch.inference_mode():
@@ -167,7 +179,7 @@ def run_rounds(job: StageJob, tracker) -> tuple[StageJob, dict]:
 
 def lse_pseudo_labels(runner: RoundRunner, init: str | None, share: float, desc: str) -> tuple[dict, dict]:
     """The round's confident images (top `share` per class) and their entropy-filtered labels."""
-    model, size = runner.model(init), _image_size(runner)
+    model, size = runner.model(init), runner.image_size
     ids, scores, predicted, entropy = [], [], [], []
     for batch_ids, (out,) in runner.predict([model], desc):
         probs = probabilities(out, size)
@@ -183,14 +195,6 @@ def lse_pseudo_labels(runner: RoundRunner, init: str | None, share: float, desc:
     report = {"share": share, "images": len(chosen),
               "labelled_pixels": float((labels != IGNORE_INDEX).float().mean())}
     return {ids[i]: labels[k].numpy() for k, i in enumerate(chosen)}, report
-
-
-def _image_size(runner: RoundRunner) -> tuple[int, int]:
-    sizes = runner.target_train().sizes
-    if len(sizes) != 1:
-        raise StageInputError(f"{runner.job.stage}: target train images have {len(sizes)} sizes; "
-                              "resize them when preparing to train in rounds")
-    return next(iter(sizes))
 
 
 def lse_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
@@ -225,7 +229,7 @@ def ensemble_pseudo_labels(runner: RoundRunner, inits: list[str]) -> tuple[dict,
     `DEFAULT_CLASS_QUANTILE` (capped at `DEFAULT_THRESHOLD_CAP`) are ignored: FDA's rule, on
     uint8-quantised confidences counted in histograms so no probability map is kept in memory."""
     models = [runner.model(init) for init in inits]
-    size = _image_size(runner)
+    size = runner.image_size
     raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     histogram = 0
     for ids, outputs in runner.predict(models, "fda: ensemble pseudo-labels"):
@@ -366,7 +370,7 @@ def build_annotator(runner: RoundRunner):
 
 def model_pseudo_labels(runner: RoundRunner, init: str | None, desc: str) -> dict[str, np.ndarray]:
     """Model A's argmax on target train: what the pixel selector learns to reproduce."""
-    model, size = runner.model(init), _image_size(runner)
+    model, size = runner.model(init), runner.image_size
     labels = {}
     for ids, (out,) in runner.predict([model], desc):
         for sample_id, label in zip(ids, probabilities(out, size).argmax(1).cpu().numpy()):
@@ -386,7 +390,7 @@ def select_pixels(runner: RoundRunner, selector_path: Path, revealed: dict[str, 
     """Per target image: the selector's inconsistency mask (pixels already labelled removed) and
     the pixels SPL / PPL ask for within `share` of the image."""
     labor = runner.params.methods.labor
-    selector, size = selector_from(selector_path, runner), _image_size(runner)
+    selector, size = selector_from(selector_path, runner), runner.image_size
     masks, asked = {}, {}
     for ids, (out,) in runner.predict([selector], desc):
         probs_a = upsample(out.a.float(), size).softmax(1)
@@ -422,7 +426,7 @@ def white(mask: np.ndarray) -> np.ndarray:
 def labor_picture(runner: RoundRunner, masks: dict, asked: dict, revealed: dict, stage: str) -> None:
     """Target images with the selector's disagreement, the asked pixels and the labels so far."""
     from segshift.components.visualize import colorize, denormalise, grid
-    dataset = runner.target_train()
+    dataset = runner.target_train
     index = {row["sample_id"]: i for i, row in enumerate(dataset.rows)}
     rows = [[denormalise(dataset[index[sample_id]][0].numpy()), white(masks[sample_id]),
              white(asked[sample_id]), colorize(revealed[sample_id])] for sample_id in sorted(asked)[:4]]
