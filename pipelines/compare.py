@@ -36,7 +36,7 @@ import yaml
 from segshift.components.config import CompareEntry, ConfigError, Params, load_params, validate_params
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.io import atomic_write_bytes, atomic_write_text, resolve_under, strict_json
-from segshift.pipelines.seeds import _mean_std, seed_params
+from segshift.pipelines.seeds import mean_std, seed_params
 
 TRAINING_STAGES = ("source", "oracle", "inter", "intra")
 SOURCE_DIR = "_source"
@@ -362,7 +362,7 @@ def aggregate(entries: dict[str, dict], runs: dict[str, dict[int, dict[str, dict
         per_seed = runs[name]
         results = {s: per_seed[s][reported] for s in per_seed}
         miou = {str(s): m["test"]["miou"] for s, m in results.items()}
-        mean, std = _mean_std(list(miou.values()))
+        mean, std = mean_std(list(miou.values()))
         shares = {str(s): labelled_share(reported, m) for s, m in results.items()}
         pooled = 1 if info.get("shared_source") and reported != "source" else 0
         total = {str(s): sum(float(per_seed[s][st].get("seconds", 0.0)) for st in stages) for s in per_seed}

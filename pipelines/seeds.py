@@ -51,7 +51,7 @@ def run_seed(params: Params, project_dir: Path, progress: bool,
     return summary
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -62,10 +62,10 @@ def aggregate(summaries: dict[int, dict]) -> dict:
     out = {}
     for stage in stages:
         entry = {"miou": {str(s): summaries[s][stage]["miou"] for s in summaries}}
-        entry["miou_mean"], entry["miou_std"] = _mean_std(list(entry["miou"].values()))
+        entry["miou_mean"], entry["miou_std"] = mean_std(list(entry["miou"].values()))
         gaps = [summaries[s][stage].get("gap_closed") for s in summaries]
         if all(g is not None and math.isfinite(g) for g in gaps):
-            entry["gap_closed_mean"], entry["gap_closed_std"] = _mean_std(gaps)
+            entry["gap_closed_mean"], entry["gap_closed_std"] = mean_std(gaps)
         out[stage] = entry
     return out
 
