@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from segshift.components.data.dataset import read_label
@@ -96,6 +97,8 @@ def test_fda_ensemble_pseudo_labels_then_self_training(project, monkeypatch):
     stage_dir = project / "checkpoints" / "inter"
     for name in ("beta-0.01", "beta-0.05", "beta-0.09", "self-training"):
         assert (stage_dir / name / "best.pt").is_file(), name
+        # every band model, and the self-training round, trains the stage's full iterations
+        assert torch.load(stage_dir / name / "last.pt", weights_only=False)["step"] == 8, name
     labels = sorted((stage_dir / "self-training" / "labels").glob("*.png"))
     assert len(labels) == len(target_truth(project))       # every target train image
     metrics = json.loads((project / "metrics" / "inter.json").read_text())
