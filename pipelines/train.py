@@ -242,9 +242,14 @@ def file_digest(path: Path) -> str:
 
 
 def run_fingerprint(job: StageJob) -> str:
-    """What a resumable checkpoint must match: the stage, model, seed, precision and every input."""
+    """What a resumable checkpoint must match: the stage, model, seed, precision, the settings of
+    the method the stage names (`methods.<method>`: a checkpoint of LSE at scale 2 is not one of
+    LSE at scale 1) and every input."""
     params, stage = job.config, job.stage
-    identity = {"stage": stage, "stage_config": getattr(params, stage).model_dump(mode="json"),
+    stage_cfg = getattr(params, stage)
+    method = getattr(params.methods, getattr(stage_cfg, "method", ""), None)
+    identity = {"stage": stage, "stage_config": stage_cfg.model_dump(mode="json"),
+                "method": method.model_dump(mode="json") if method is not None else None,
                 "model": params.model.model_dump(mode="json"), "seed": params.engine.seed,
                 "amp": params.engine.amp, "data": data_fingerprint(job.prepared)}
     init = init_model_path(job)

@@ -89,6 +89,11 @@ def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeyp
     assert run(project, shares) == 0
     assert {p: p.stat().st_mtime_ns for p in stage_dir.rglob("*.png")} == before
 
+    # another method setting: the rounds' checkpoints belong to the old one and train afresh
+    assert run(project, {**shares, "methods.lse.scale": 1.0}) == 0
+    again = json.loads((project / "metrics" / "inter.json").read_text())
+    assert again["resumed_from"] == 0 and metrics["resumed_from"] == 0
+
 
 def test_fda_ensemble_pseudo_labels_then_self_training(project, monkeypatch):
     monkeypatch.chdir(project)
