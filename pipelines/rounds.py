@@ -16,8 +16,13 @@ target train with the latest model and writes the next round's labels beside tho
   every target pixel revealed so far.
 
 A round whose labels were written (round.json) is not labelled again, and its training resumes
-from its checkpoint, so an interrupted stage picks up where it stopped. The last round's
-selected model is the stage's model.
+from its checkpoint, so an interrupted stage picks up where it stopped.
+
+The stage's model is the best, by `engine.selection` on target val, of the segmentation models
+its rounds trained (LabOR's pixel selectors are not candidates), the rule the engine applies to
+the checkpoints of a single run. Self-training can confirm its own mistakes: on the built-in
+data one LSE seed lost 4.5 val points from its first round to its fourth, and reporting the last
+round would report that drift rather than the method's best model.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from tqdm import tqdm
 from segshift.components.data.dataset import PreparedSplit, read_label
 from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.engine.checkpoint import load_checkpoint
-from segshift.components.engine.loop import resolve_device
+from segshift.components.engine.loop import Selection, resolve_device
 from segshift.components.io import atomic_write_text, write_png
 from segshift.components.losses import normalised_entropy, upsample
 from segshift.components.methods import fda as fda_lib
@@ -79,6 +84,7 @@ class RoundRunner:
         self.device = resolve_device(self.params.engine.device)
         self.identity = stage_identity(job)
         self.offset = 0
+        self.candidates: list[tuple[str, StageJob, dict]] = []   # rounds that train the stage's model
         job.pull_checkpoints()
 
     def labelled_before(self, name: str) -> dict | None:
@@ -99,6 +105,8 @@ class RoundRunner:
         job = dataclasses.replace(self.job, round=dataclasses.asdict(spec))
         summary = run_workers(job, self.tracker.log_metrics)
         self.offset = spec.step_offset + spec.iterations
+        if spec.method != "labor-selector":
+            self.candidates.append((spec.name, job, summary))
         return job, summary
 
     def round_spec(self, name: str, method: str, iterations: int, data: dict, init: str | None,
@@ -168,11 +176,30 @@ def probabilities(output, size: tuple[int, int]) -> torch.Tensor:
 
 
 def run_rounds(job: StageJob, tracker) -> tuple[StageJob, dict]:
-    """Train the stage's rounds; returns the last round's job (its best.pt is the stage's model)
-    and its training summary, with what labelling cost under `extra`."""
+    """Train the stage's rounds; returns the job of the round selected on val (its best.pt is the
+    stage's model) and its training summary, with what labelling cost under `extra`."""
     method = stage_config(job.config, job.stage).method
     runners: dict[str, Callable] = {"lse": lse_rounds, "fda": fda_rounds, "labor": labor_rounds}
-    return runners[method](RoundRunner(job, tracker))
+    runner = RoundRunner(job, tracker)
+    _, summary = runners[method](runner)
+    return select_round(runner.candidates, summary.get("extra", {}))
+
+
+def select_round(candidates: list[tuple[str, StageJob, dict]], extra: dict) -> tuple[StageJob, dict]:
+    """The candidate round whose selected checkpoint scores best on val (the earlier on a tie),
+    its summary carrying the stage's `extra` plus `selected_round` and every round's `round_val`."""
+    if not candidates:
+        raise ValueError("the stage trained no segmentation model in its rounds")
+    metric = candidates[0][2]["selection"]["metric"]
+    best = Selection(metric=metric)
+    chosen = candidates[-1]
+    for candidate in candidates:
+        value = candidate[2]["selection"]["value"]
+        if value is not None and best.improves(value):
+            best.value, chosen = value, candidate
+    name, job, summary = chosen
+    scores = {n: s["selection"]["value"] for n, _, s in candidates}
+    return job, {**summary, "extra": {**extra, "selected_round": name, "round_val": {metric: scores}}}
 
 
 # -- LSE --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from segshift.components.data.dataset import read_label
 from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.data.manifest import read_manifest
 from segshift.pipelines.cli import main
-from segshift.pipelines.rounds import split_iterations
+from segshift.pipelines.rounds import select_round, split_iterations
 from tests.conftest import write_params
 
 FAST = {"source.iterations": 2, "source.batch_size": 2, "inter.batch_size": 2,
@@ -58,6 +58,24 @@ def test_split_iterations_shares_every_step():
     assert split_iterations(2, 3) == [1, 1, 1]      # every round trains at least once
 
 
+def _candidate(name: str, metric: str, value: float | None):
+    return name, f"job-{name}", {"selection": {"metric": metric, "value": value, "step": 1}, "steps": 1}
+
+
+def test_select_round_keeps_the_best_on_val_in_the_metrics_direction():
+    rounds = [_candidate("r1", "val_miou", 0.20), _candidate("r2", "val_miou", 0.25),
+              _candidate("r3", "val_miou", 0.25), _candidate("r4", "val_miou", 0.15)]
+    job, summary = select_round(rounds, {"rounds": ["kept"]})
+    assert job == "job-r2"                                          # a tie keeps the earlier round
+    assert summary["extra"] == {"rounds": ["kept"], "selected_round": "r2",
+                                "round_val": {"val_miou": {"r1": 0.20, "r2": 0.25, "r3": 0.25, "r4": 0.15}}}
+    entropy = [_candidate("r1", "val_entropy", 0.3), _candidate("r2", "val_entropy", None),
+               _candidate("r3", "val_entropy", 0.1)]
+    assert select_round(entropy, {})[0] == "job-r3"                # lower entropy is better
+    with pytest.raises(ValueError, match="no segmentation model"):
+        select_round([], {})
+
+
 def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeypatch):
     monkeypatch.chdir(project)
     shares = {"methods.lse.share_start": 0.2, "methods.lse.share_step": 0.3, "methods.lse.share_max": 0.8,
@@ -78,6 +96,14 @@ def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeyp
         # the entropy thresholds leave some pixels unlabelled (p < 1)
         assert (label == IGNORE_INDEX).any()
         assert (stage_dir / f"round-{r}" / "best.pt").is_file()
+    # the stage's model is the round that scores best on val, not merely the last one
+    scores = metrics["round_val"]["val_miou"]
+    assert sorted(scores) == ["round-1", "round-2", "round-3"]
+    assert metrics["selected_round"] == max(scores, key=lambda name: (scores[name], -int(name[-1])))
+    exported = torch.load(project / "models" / "inter" / "model.pt", weights_only=False)
+    chosen = torch.load(stage_dir / metrics["selected_round"] / "best.pt", weights_only=False)
+    assert exported["val"] == chosen["metrics"]
+    assert all(torch.equal(exported["model"][k], chosen["model"][k]) for k in chosen["model"])
     # the rounds continue one MLflow history: 2 + 2 + 2 steps
     client, inter = inter_run(project)
     steps = [m.step for m in client.get_metric_history(inter.info.run_id, "loss")]
