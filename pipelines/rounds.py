@@ -85,6 +85,7 @@ class RoundRunner:
         self.identity = stage_identity(job)
         self.offset = 0
         self.candidates: list[tuple[str, StageJob, dict]] = []   # rounds that train the stage's model
+        self.earlier_seconds = 0.0      # training time of every round, spent before this run resumed
         job.pull_checkpoints()
 
     def labelled_before(self, name: str) -> dict | None:
@@ -105,6 +106,7 @@ class RoundRunner:
         job = dataclasses.replace(self.job, round=dataclasses.asdict(spec))
         summary = run_workers(job, self.tracker.log_metrics)
         self.offset = spec.step_offset + spec.iterations
+        self.earlier_seconds += summary.get("earlier_seconds", 0.0)
         if spec.method != "labor-selector":
             self.candidates.append((spec.name, job, summary))
         return job, summary
@@ -182,7 +184,8 @@ def run_rounds(job: StageJob, tracker) -> tuple[StageJob, dict]:
     runners: dict[str, Callable] = {"lse": lse_rounds, "fda": fda_rounds, "labor": labor_rounds}
     runner = RoundRunner(job, tracker)
     _, summary = runners[method](runner)
-    return select_round(runner.candidates, summary.get("extra", {}))
+    job, selected = select_round(runner.candidates, summary.get("extra", {}))
+    return job, {**selected, "earlier_seconds": runner.earlier_seconds}
 
 
 def select_round(candidates: list[tuple[str, StageJob, dict]], extra: dict) -> tuple[StageJob, dict]:

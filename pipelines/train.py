@@ -358,7 +358,7 @@ def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float
     summary = {"steps": result.steps, "resumed_from": result.resumed_from,
                "selection": {"metric": result.selection.metric, "value": result.selection.value,
                              "step": result.selection.step},
-               "history": result.history}
+               "history": result.history, "earlier_seconds": result.earlier_seconds}
     return summary
 
 
@@ -463,7 +463,7 @@ def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
     metrics = {"stage": job.stage, "test": evaluation.summary(), "val": best["metrics"],
                "selected_step": best["step"], "selection": summary["selection"],
                "steps": summary["steps"], "resumed_from": summary["resumed_from"],
-               "seconds": round(seconds, 1), **summary.get("extra", {})}
+               "seconds": round(seconds + summary.get("earlier_seconds", 0.0), 1), **summary.get("extra", {})}
     write_stage_report(job, metrics, evaluation, model, test, device, tracker)
     if tracker is not None:
         tracker.log_metrics({f"test_{k}": v for k, v in evaluation.summary().items()

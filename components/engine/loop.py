@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class TrainResult:
     selection: Selection
     history: list[dict[str, float]] = field(default_factory=list)
     last_validation: dict[str, float] = field(default_factory=dict)
+    earlier_seconds: float = 0.0    # training time of the runs this one resumed, from last.pt
 
 
 class Trainer:
@@ -152,6 +154,7 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.selection = Selection(**state["selection"])
         self._history = state.get("history", [])
+        self._earlier_seconds = float(state.get("seconds", 0.0))
         if self.runtime.is_main:
             tqdm.write(f"resuming {self.desc} from step {state['step']} ({self.checkpoint_path})")
         return int(state["step"])
@@ -166,6 +169,8 @@ class Trainer:
             "selection": {"metric": self.selection.metric, "value": self.selection.value,
                           "step": self.selection.step},
             "history": self._history,
+            # so that a resumed run can report the time the whole training took, not its own part
+            "seconds": self._earlier_seconds + time.perf_counter() - self._started,
         }
         self.on_checkpoint(save_checkpoint(self.checkpoint_path, payload))
 
@@ -178,6 +183,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, batches: BatchSource) -> TrainResult:
         self._history: list[dict[str, float]] = []
+        self._earlier_seconds, self._started = 0.0, time.perf_counter()
         start = self._resume()
         self._place_modules()
         streams = {role: batches(role, start * self.accumulation) for role in self.method.roles}
@@ -203,7 +209,8 @@ class Trainer:
         finally:
             bar.close()
         return TrainResult(steps=self.iterations, resumed_from=start, selection=self.selection,
-                           history=self._history, last_validation=last_validation)
+                           history=self._history, last_validation=last_validation,
+                           earlier_seconds=self._earlier_seconds)
 
     def _optimise_one_step(self, streams: dict[str, Iterator], step: int) -> dict[str, float]:
         for spec in self.method.optimizers.values():

@@ -114,6 +114,10 @@ def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeyp
     before = {p: p.stat().st_mtime_ns for p in stage_dir.rglob("*.png")}
     assert run(project, shares) == 0
     assert {p: p.stat().st_mtime_ns for p in stage_dir.rglob("*.png")} == before
+    resumed = json.loads((project / "metrics" / "inter.json").read_text())
+    # the rounds' training time, spent in the first run, still counts in the resumed stage's time
+    assert resumed["seconds"] >= sum(torch.load(stage_dir / f"round-{r}" / "last.pt", weights_only=False)["seconds"]
+                                     for r in (1, 2, 3))
 
     # another method setting: the rounds' checkpoints belong to the old one and train afresh
     assert run(project, {**shares, "methods.lse.scale": 1.0}) == 0

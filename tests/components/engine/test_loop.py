@@ -59,11 +59,16 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, source_t
     interrupted = make_trainer(p, tmp_path / "b", on_log=crash_after_step_three)
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit(batches(source_train, p))
-    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 2   # the last checkpoint kept
+    kept = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert kept["step"] == 2                                            # the last checkpoint kept
+    assert kept["seconds"] > 0                                          # and the time it took
 
     resumed = make_trainer(p, tmp_path / "b")
     resumed_result = resumed.fit(batches(source_train, p))
     assert resumed_result.resumed_from == 2
+    # the time of the interrupted part is carried on, so a stage reports its whole training time
+    assert resumed_result.earlier_seconds == kept["seconds"] and result.earlier_seconds == 0
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["seconds"] > kept["seconds"]
     a, b = straight.method.segmenter.state_dict(), resumed.method.segmenter.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
