@@ -40,7 +40,9 @@ def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(
     assert len(plan.runs) == 2 * len(params.compare.entries)
     for run in plan.runs:
         p = run.params
-        assert p.engine.seed == run.seed and p.source.iterations == 7 and p.inter.iterations == 5
+        own = params.compare.entries[run.entry].set       # an entry's own setting wins over the common one
+        assert p.engine.seed == run.seed and p.source.iterations == 7
+        assert p.inter.iterations == own.get("inter.iterations", 5)
         assert run.run_dir == tmp_path / "runs" / run.entry / f"seed-{run.seed}"
         outputs = [*p.paths.model_dump().values(), p.rank.out_dir, p.evaluate.out]
         assert all(str(o).startswith(str(run.run_dir) + "/") for o in outputs)
@@ -52,6 +54,7 @@ def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(
     assert runs["source-only", 3].params.source.augment is None
     assert runs["bisenet-dacs", 3].params.model.name == "bisenet"
     assert runs["intrada", 3].reported == "intra" and runs["oracle", 3].reported == "oracle"
+    assert runs["labor-spl", 3].params.inter.iterations == 300       # the entry's own budget
     assert plan.baselines["dacs"] == "source-only" and plan.baselines["bisenet-dacs"] == "bisenet-source-only"
 
 
