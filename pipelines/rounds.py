@@ -183,8 +183,8 @@ def run_rounds(job: StageJob, tracker) -> tuple[StageJob, dict]:
     method = stage_config(job.config, job.stage).method
     runners: dict[str, Callable] = {"lse": lse_rounds, "fda": fda_rounds, "labor": labor_rounds}
     runner = RoundRunner(job, tracker)
-    _, summary = runners[method](runner)
-    job, selected = select_round(runner.candidates, summary.get("extra", {}))
+    extra = runners[method](runner)
+    job, selected = select_round(runner.candidates, extra)
     return job, {**selected, "earlier_seconds": runner.earlier_seconds}
 
 
@@ -227,7 +227,8 @@ def lse_pseudo_labels(runner: RoundRunner, init: str | None, share: float, desc:
     return {ids[i]: labels[k].numpy() for k, i in enumerate(chosen)}, report
 
 
-def lse_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
+def lse_rounds(runner: RoundRunner) -> dict:
+    """Trains the rounds; returns what they labelled, for the stage's metrics."""
     lse = runner.params.methods.lse
     count = lse_lib.schedule_rounds(lse.share_start, lse.share_step, lse.share_max)
     init, reports = None, []
@@ -246,10 +247,9 @@ def lse_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
         runner.log({"lse_share": report["share"], "lse_images": report["images"],
                     "lse_labelled_pixels": report["labelled_pixels"]})
         reports.append({"round": name, **report})
-        job, summary = runner.train(spec)
+        runner.train(spec)
         init = f"{name}/best.pt"
-    summary["extra"] = {"rounds": reports}
-    return job, summary
+    return {"rounds": reports}
 
 
 # -- FDA: multi-band ensemble + self-training --------------------------------------------------------
@@ -276,7 +276,7 @@ def ensemble_pseudo_labels(runner: RoundRunner, inits: list[str]) -> tuple[dict,
     return labels, {"images": len(labels), "labelled_pixels": kept}
 
 
-def fda_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
+def fda_rounds(runner: RoundRunner) -> dict:
     """Unlike LSE's and LabOR's rounds, each model here trains the stage's full `iterations`: the
     multi-band transfer averages *trained* FDA models (the paper trains each band, then the
     self-training round, to the end). Split four ways, every band model stops inside the dip that
@@ -301,9 +301,8 @@ def fda_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
     else:
         spec, report = Round(**saved["round"]), saved["report"]
     runner.log({"fda_pseudo_labelled_pixels": report["labelled_pixels"]})
-    job, summary = runner.train(spec)
-    summary["extra"] = {"ensemble": {"betas": betas, **report}}
-    return job, summary
+    runner.train(spec)
+    return {"ensemble": {"betas": betas, **report}}
 
 
 # -- LabOR ------------------------------------------------------------------------------------------
@@ -483,7 +482,8 @@ def check_budget(annotator, asked: dict[str, np.ndarray], labor) -> None:
             "lower points_per_image or raise the budget")
 
 
-def labor_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
+def labor_rounds(runner: RoundRunner) -> dict:
+    """Runs the labelling stages; returns the annotator's books, for the stage's metrics."""
     labor = runner.params.methods.labor
     annotator = build_annotator(runner)
     revealed: dict[str, np.ndarray] = {}
@@ -516,9 +516,8 @@ def labor_rounds(runner: RoundRunner) -> tuple[StageJob, dict]:
         data = source_and_target(f"{stage}/labels", sorted(revealed), "annotated")
         spec = runner.round_spec(stage, "labor-model", model_steps[k - 1], data, init)
         runner.save_round(spec, book, runner.write_labels(stage, revealed))
-        job, summary = runner.train(spec)
+        runner.train(spec)
         init = f"{stage}/best.pt"
-    summary["extra"] = {"labels": {"share": annotator.revealed_share, "annotator": labor.annotator,
-                                   "selection": labor.selection, "budget": labor.label_budget,
-                                   "stages": annotator.ledger}}
-    return job, summary
+    return {"labels": {"share": annotator.revealed_share, "annotator": labor.annotator,
+                       "selection": labor.selection, "budget": labor.label_budget,
+                       "stages": annotator.ledger}}
