@@ -246,6 +246,23 @@ def _identity(tree: Any) -> str:
     return yaml.safe_dump(tree, sort_keys=True)
 
 
+def run_record(run: "Run") -> dict[str, Any]:
+    """What a run's `params.yaml` records: its stages and its whole params."""
+    return {"stages": list(run.stages), "params": run.params.model_dump(mode="json")}
+
+
+def same_run(recorded: Any, record: dict[str, Any]) -> bool:
+    """Whether a recorded run did what `record` asks for. The `compare` section is left out: a
+    run's own settings from it are already applied to its params, and the rest (the other
+    entries, the seeds, the report) does not change what this run trains, so adding an entry
+    to the comparison must not make every finished run train again."""
+    def essential(tree: Any) -> Any:
+        if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
+            return None
+        return {**tree, "params": {k: v for k, v in tree["params"].items() if k != "compare"}}
+    return essential(recorded) is not None and essential(recorded) == essential(record)
+
+
 def _score(metrics: dict) -> str:
     if "test" in metrics:
         return f" ({100 * metrics['test']['miou']:.1f} mIoU)"
@@ -304,9 +321,9 @@ def execute(run: Run, project_dir: Path, progress: bool) -> dict[str, dict]:
     label = f"{run.entry} seed {run.seed}"
     run_dir = resolve_under(project_dir, run.run_dir)
     used = run_dir / "params.yaml"
-    identity = _identity({"stages": list(run.stages), "params": run.params.model_dump(mode="json")})
+    record = run_record(run)
     result = metrics_path(run.params, project_dir, run.reported)
-    if result.is_file() and used.is_file() and used.read_text() == identity:
+    if result.is_file() and used.is_file() and same_run(yaml.safe_load(used.read_text()), record):
         print(f"compare: {label}: done before ({run.run_dir}); skipped", flush=True)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +341,7 @@ def execute(run: Run, project_dir: Path, progress: bool) -> dict[str, dict]:
             else:
                 metrics = train_stage(run.params, stage, project_dir, progress=progress)
             print(f"compare: {label}: {stage} done{_score(metrics)}", flush=True)
-        atomic_write_text(used, identity)
+        atomic_write_text(used, _identity(record))
     return {stage: read_metrics(run.params, project_dir, stage) for stage in dict.fromkeys(run.stages)}
 
 

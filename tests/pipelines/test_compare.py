@@ -253,3 +253,11 @@ def test_two_entries_two_seeds_end_to_end_then_a_rerun_skips_everything(tmp_path
     assert {p: p.stat().st_mtime_ns for p in sorted(runs.rglob("model.pt"))} == stamps
     again = json.loads((reports / "compare.json").read_text())
     assert {e: v["miou"] for e, v in again["entries"].items()} == {e: v["miou"] for e, v in summary["entries"].items()}
+
+    # Adding an entry to the comparison leaves the finished runs finished.
+    more = {**entries, "advent": {"stages": ["source", "inter"], "set": {"inter.method": "advent"}}}
+    params_path = compare_params(tmp_path, entries=more)
+    assert main(["compare", "--params", str(params_path), "--entries", "source-only", "minent",
+                 "--seeds", "0", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.count("skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in sorted(runs.rglob("model.pt"))} == stamps
