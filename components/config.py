@@ -207,7 +207,9 @@ class DiscriminatorConfig(_Strict):
     optimizer: OptimizerConfig         # reference: adam, lr 1e-4, betas (0.9, 0.99)
 
 
-AdaptationMethod = Literal["advent", "minent", "adaptsegnet", "dacs", "fda", "lse", "labor"]
+# `supervised` trains on the stage's labelled images alone (inter: source), no target term: the
+# control that gives source-only the adaptation stage's extra steps.
+AdaptationMethod = Literal["advent", "minent", "adaptsegnet", "dacs", "fda", "lse", "labor", "supervised"]
 # methods that train in rounds from the source model (pseudo-labels or labels between rounds)
 ROUND_METHODS = ("lse", "labor")
 

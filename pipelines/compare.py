@@ -89,6 +89,7 @@ class Plan:
     runs: list[Run]          # seed-major: every entry of seed 0, then seed 1, ...
     baselines: dict[str, str | None]
     models: dict[str, str]   # entry -> model label
+    controls: dict[str, str | None]   # entry -> its budget control (see `controls`)
 
 
 def reported_stage(stages: tuple[str, ...] | list[str]) -> str:
@@ -191,6 +192,23 @@ def baselines(entries: dict[str, CompareEntry], models: dict[str, str]) -> dict[
     return {name: next((c for c in candidates if models[c] == models[name]), None) for name in entries}
 
 
+def controls(entries: dict[str, CompareEntry], models: dict[str, str]) -> dict[str, str | None]:
+    """Each adapting entry's budget control on the same model: an entry that runs `source` then
+    `inter` with `inter.method: supervised` and sets nothing else but `model.*`, i.e. source-only
+    given the adaptation stage's steps on source labels alone. An adaptation stage also keeps
+    training on source labels, so part of its gain over source-only is the extra steps; the
+    control measures that part. None for source-only references, the control itself and the oracle."""
+    candidates = [n for n, e in entries.items() if list(e.stages) == ["source", "inter"]
+                  and e.set.get("inter.method") == "supervised"
+                  and all(k == "inter.method" or k.startswith("model.") for k in e.set)]
+    def control(name: str) -> str | None:
+        stages = entries[name].stages
+        if name in candidates or "oracle" in stages or list(stages) == ["source"]:
+            return None
+        return next((c for c in candidates if models[c] == models[name]), None)
+    return {name: control(name) for name in entries}
+
+
 def build_plan(params: Params, entries: list[str] | None = None, seeds: list[int] | None = None) -> Plan:
     """Every run's validated params, before anything trains."""
     cfg = params.compare
@@ -229,7 +247,7 @@ def build_plan(params: Params, entries: list[str] | None = None, seeds: list[int
                                    out_dir / SOURCE_DIR / key / f"seed-{seed}")
             run_dir = out_dir / name / f"seed-{seed}"
             runs.append(Run(name, seed, tuple(entry.stages), seed_params(this, seed, run_dir), run_dir, shared))
-    return Plan(seeds, chosen, runs, baselines(chosen, models), models)
+    return Plan(seeds, chosen, runs, baselines(chosen, models), models, controls(chosen, models))
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -368,8 +386,9 @@ def aggregate(entries: dict[str, dict], runs: dict[str, dict[int, dict[str, dict
     """Per entry: each seed's result and their mean ± std, Δ vs its source-only reference, share
     of target pixels labelled, wall time and per-class IoU.
 
-    `entries`: name -> {"stages", "model" (label), "baseline" (entry or None), "shared_source"
-    (bool: its first stage is a source training shared with entries of the same source settings)};
+    `entries`: name -> {"stages", "model" (label), "baseline" (entry or None), "control" (its
+    budget control, optional), "shared_source" (bool: its first stage is a source training
+    shared with entries of the same source settings)};
     `runs`: name -> seed -> stage -> that stage's metrics JSON.
     """
     out: dict[str, dict] = {}
@@ -388,7 +407,7 @@ def aggregate(entries: dict[str, dict], runs: dict[str, dict[int, dict[str, dict
         per_class = {str(s): m["test"]["per_class_iou"] for s, m in results.items()}
         out[name] = {
             "stages": stages, "reported_stage": reported, "model": info["model"],
-            "baseline": info.get("baseline"), "shared_source": bool(info.get("shared_source")),
+            "baseline": info.get("baseline"), "control": info.get("control"), "shared_source": bool(info.get("shared_source")),
             "miou": miou, "miou_mean": mean, "miou_std": std,
             "miou_16_mean": _nanmean([m["test"].get("miou_16") for m in results.values()]),
             "miou_13_mean": _nanmean([m["test"].get("miou_13") for m in results.values()]),
@@ -402,6 +421,9 @@ def aggregate(entries: dict[str, dict], runs: dict[str, dict[int, dict[str, dict
         base = entry["baseline"]
         entry["delta_vs_source_only"] = (entry["miou_mean"] - out[base]["miou_mean"]
                                          if base is not None and base in out else None)
+        control = entry["control"]
+        entry["delta_vs_control"] = (entry["miou_mean"] - out[control]["miou_mean"]
+                                     if control is not None and control in out else None)
     return out
 
 
@@ -451,9 +473,9 @@ def compare_markdown(summary: dict) -> str:
     lines = ["# Method comparison", "",
              (f"Target-test mIoU (19 classes, %) of each entry's last training stage, over seeds "
               f"{', '.join(map(str, seeds))}; mean ± sample std."), "",
-             ("| entry | mIoU mean ± std | per seed | vs source-only (Δ) | share of target pixels labelled "
-              "| wall time (method s, mean) | wall time (total s, mean) |"),
-             "|---|---|---|---|---|---|---|"]
+             ("| entry | mIoU mean ± std | per seed | vs source-only (Δ) | vs budget control (Δ) "
+              "| share of target pixels labelled | wall time (method s, mean) | wall time (total s, mean) |"),
+             "|---|---|---|---|---|---|---|---|"]
     for name, e in entries.items():
         per_seed = ", ".join(_pct(v) for v in e["miou"].values())
         if e["baseline"] is None or e["delta_vs_source_only"] is None:
@@ -464,9 +486,10 @@ def compare_markdown(summary: dict) -> str:
             delta = f"{100 * e['delta_vs_source_only']:+.1f}"
             if e["baseline"] != "source-only":
                 delta += f" (vs {e['baseline']})"
+        control = "–" if e.get("delta_vs_control") is None else f"{100 * e['delta_vs_control']:+.1f}"
         share = e["labelled_share_mean"]
         lines.append(f"| {name} | {_pct(e['miou_mean'])} ± {_pct(e['miou_std'])} | {per_seed} | {delta} "
-                     f"| {100 * share:.1f} % | {e['method_seconds_mean']:.1f} | {e['total_seconds_mean']:.1f} |")
+                     f"| {control} | {100 * share:.1f} % | {e['method_seconds_mean']:.1f} | {e['total_seconds_mean']:.1f} |")
     lines += ["", "Stages: " + "; ".join(f"{n}: {' → '.join(e['stages'])}" for n, e in entries.items()) + ".",
               "",
               ("Wall time is the sum of the `seconds` of the stages an entry ran. Entries whose first stage "
@@ -474,7 +497,10 @@ def compare_markdown(summary: dict) -> str:
                "source training per seed (run once, copied into each entry's run directory): it counts "
                "once in the total of *each* entry that uses it; the method time leaves it out unless the "
                "source is the entry's reported stage. Δ is against the entry that runs only `source` on "
-               "the same model."), "",
+               "the same model. An adaptation stage keeps training on source labels too, so part of its "
+               "gain over source-only is its extra steps: the budget control (`inter.method: supervised`, "
+               "the same steps on source labels alone) measures that part, and the Δ against it is what "
+               "the target term adds."), "",
               "## Per-class IoU (%, mean over seeds)", "",
               "| entry | " + " | ".join(CLASS_NAMES) + " |",
               "|---|" + "---|" * len(CLASS_NAMES)]
@@ -600,6 +626,7 @@ def run_compare(params: Params, project_dir: Path, entries: list[str] | None = N
         runs[run.entry][run.seed] = execute(run, project_dir, progress)
     first = {r.entry: r for r in reversed(plan.runs)}
     info = {name: {"stages": list(entry.stages), "model": plan.models[name], "baseline": plan.baselines[name],
+                   "control": plan.controls[name],
                    "shared_source": first[name].source is not None}
             for name, entry in plan.entries.items()}
     result = aggregate(info, runs)

@@ -304,6 +304,8 @@ def build_method(job: StageJob, model: torch.nn.Module):
         return Supervised(model, cfg)
     if job.round:
         return build_round_method(job.round_spec, job, model)
+    if cfg.method == "supervised":
+        return Supervised(model, cfg)
     if cfg.method == "dacs":
         return DACS(model, cfg, params.methods.dacs, seed=params.engine.seed)
     if cfg.method == "fda":

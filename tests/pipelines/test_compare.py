@@ -36,7 +36,7 @@ def compare_params(directory: Path, entries: dict | None = None, common: dict | 
 def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(tmp_path):
     params = load_params(compare_params(tmp_path, common={"source.iterations": 7, "inter.iterations": 5}))
     plan = build_plan(params, seeds=[3, 4])
-    assert [(r.entry, r.seed) for r in plan.runs[:2]] == [("source-only", 3), ("augmentation", 3)]
+    assert [(r.entry, r.seed) for r in plan.runs[:2]] == [("source-only", 3), ("source-continued", 3)]
     assert len(plan.runs) == 2 * len(params.compare.entries)
     for run in plan.runs:
         p = run.params
@@ -56,6 +56,11 @@ def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(
     assert runs["intrada", 3].reported == "intra" and runs["oracle", 3].reported == "oracle"
     assert runs["labor-spl", 3].params.inter.iterations == 300       # the entry's own budget
     assert plan.baselines["dacs"] == "source-only" and plan.baselines["bisenet-dacs"] == "bisenet-source-only"
+    assert runs["source-continued", 3].params.inter.method == "supervised"
+    assert plan.controls["dacs"] == plan.controls["lse"] == plan.controls["intrada"] == "source-continued"
+    assert {e: plan.controls[e] for e in ("source-only", "augmentation", "source-continued", "oracle",
+                                          "bisenet-dacs")} == dict.fromkeys(
+        ("source-only", "augmentation", "source-continued", "oracle", "bisenet-dacs"))   # no BiSeNet control
 
 
 def test_entries_with_the_same_source_settings_share_one_source_per_seed(tmp_path):
@@ -100,7 +105,7 @@ def test_bad_settings_fail_before_anything_trains_naming_entry_and_key(tmp_path,
 
 def test_unknown_entries_on_the_command_line_are_refused_listing_the_entries(tmp_path, capsys):
     path = compare_params(tmp_path)
-    with pytest.raises(CompareError, match="unknown entry dacz; compare.entries has: source-only, augmentation"):
+    with pytest.raises(CompareError, match="unknown entry dacz; compare.entries has: source-only, source-continued, augmentation"):
         build_plan(load_params(path), entries=["minent", "dacz"])
     assert main(["compare", "--params", str(path), "--entries", "dacz", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -127,7 +132,9 @@ def stage_metrics(miou: float, seconds: float, share: float | None = None, car: 
 
 SYNTHETIC_ENTRIES = {
     "source-only": {"stages": ["source"], "model": "M", "baseline": "source-only", "shared_source": True},
-    "advent": {"stages": ["source", "inter"], "model": "M", "baseline": "source-only", "shared_source": True},
+    "advent": {"stages": ["source", "inter"], "model": "M", "baseline": "source-only", "control": "continued",
+               "shared_source": True},
+    "continued": {"stages": ["source", "inter"], "model": "M", "baseline": "source-only", "shared_source": True},
     "labor": {"stages": ["source", "inter"], "model": "M", "baseline": "source-only", "shared_source": True},
     "oracle": {"stages": ["oracle"], "model": "M", "baseline": "source-only", "shared_source": False},
 }
@@ -135,6 +142,7 @@ SYNTHETIC_RUNS = {
     "source-only": {s: {"source": stage_metrics(m, 10.0)} for s, m in [(0, 0.20), (1, 0.22), (2, 0.24)]},
     "advent": {s: {"source": stage_metrics(0.2, 10.0), "inter": stage_metrics(m, t, car=c)}
                for s, m, t, c in [(0, 0.25, 4.0, 0.6), (1, 0.26, 5.0, 0.7), (2, 0.30, 6.0, 0.8)]},
+    "continued": {s: {"source": stage_metrics(0.2, 10.0), "inter": stage_metrics(0.24, 2.0)} for s in (0, 1, 2)},
     "labor": {s: {"source": stage_metrics(0.2, 10.0), "inter": stage_metrics(0.3, 3.0, share=sh)}
               for s, sh in [(0, 0.02), (1, 0.04), (2, 0.03)]},
     "oracle": {s: {"oracle": stage_metrics(m, 20.0)} for s, m in [(0, 0.5), (1, 0.52), (2, 0.54)]},
@@ -148,6 +156,8 @@ def test_aggregate_gives_mean_std_delta_share_time_and_per_class():
     assert advent["miou_mean"] == pytest.approx(0.27)
     assert advent["miou_std"] == pytest.approx(statistics.stdev([0.25, 0.26, 0.30]))
     assert advent["delta_vs_source_only"] == pytest.approx(0.27 - 0.22)
+    assert advent["delta_vs_control"] == pytest.approx(0.27 - 0.24)
+    assert result["labor"]["delta_vs_control"] is None and result["continued"]["delta_vs_control"] is None
     assert result["source-only"]["delta_vs_source_only"] == pytest.approx(0.0)
     assert result["oracle"]["delta_vs_source_only"] == pytest.approx(0.52 - 0.22)
     assert advent["labelled_share_mean"] == 0.0
@@ -172,15 +182,15 @@ def test_markdown_and_pictures_from_synthetic_results():
                                             "latency_ms_std": 0.5, "fps": 83.3}}},
                "profile": {"device": "cpu (2 threads)", "height": 64, "width": 128}}
     text = compare_markdown(summary)
-    assert "| advent | 27.0 ± 2.6 | 25.0, 26.0, 30.0 | +5.0 | 0.0 % | 5.0 | 15.0 |" in text
-    assert "| oracle | 52.0 ± 2.0 | 50.0, 52.0, 54.0 | +30.0 | 100.0 % | 20.0 | 20.0 |" in text
-    assert "| labor | 30.0 ± 0.0 | 30.0, 30.0, 30.0 | +8.0 | 3.0 % |" in text
+    assert "| advent | 27.0 ± 2.6 | 25.0, 26.0, 30.0 | +5.0 | +3.0 | 0.0 % | 5.0 | 15.0 |" in text
+    assert "| oracle | 52.0 ± 2.0 | 50.0, 52.0, 54.0 | +30.0 | – | 100.0 % | 20.0 | 20.0 |" in text
+    assert "| labor | 30.0 ± 0.0 | 30.0, 30.0, 30.0 | +8.0 | – | 3.0 % |" in text
     assert "| source-only | 22.0 ± 2.0 | 20.0, 22.0, 24.0 | (reference) |" in text
     assert "| entry | " + " | ".join(CLASS_NAMES) + " |" in text
     row = next(line for line in text.splitlines() if line.startswith("| advent | 27.0 | 27.0"))
     assert row.split(" | ")[CLASS_NAMES.index("car") + 1] == "70.0"
     assert row.split(" | ")[CLASS_NAMES.index("train") + 1] == "–"
-    assert "| M | source-only, advent, labor, oracle | 0.80 | 1.23 | 12.0 ± 0.5 | 83.3 | 52.0 (oracle) |" in text
+    assert "| M | source-only, advent, continued, labor, oracle | 0.80 | 1.23 | 12.0 ± 0.5 | 83.3 | 52.0 (oracle) |" in text
     assert "64×128 (H×W), batch 1, on cpu (2 threads)" in text
     for picture in (miou_picture(result), per_class_picture(result)):
         assert picture[:8] == b"\x89PNG\r\n\x1a\n" and len(picture) > 10_000

@@ -112,3 +112,27 @@ def test_dacs_and_fda_train_the_inter_stage_with_either_model(tmp_path, monkeypa
     name, steps = {"dacs": ("mixed", [1, 2]), "fda": ("entropy", [2])}[method]
     assert [m.step for m in client.get_metric_history(run_.info.run_id, name)] == steps
     assert run_.data.params["inter.method"] == method
+
+
+def test_supervised_inter_is_the_source_recipe_on_more_steps(tmp_path, monkeypatch):
+    """`inter.method: supervised` (the budget control) trains on source labels alone: given the
+    source stage's recipe and a scratch start it reproduces the source stage's model exactly,
+    and it logs no target term."""
+    import torch
+    monkeypatch.chdir(tmp_path)
+    recipe = {"inter.batch_size": 2, "inter.iterations": 2, "inter.aux_weight": 0.1,
+              "inter.optimizer": {"name": "adam", "lr": 0.002, "momentum": 0.9, "betas": [0.9, 0.99],
+                                  "weight_decay": 0.0, "head_lr_mult": 1, "poly_power": 0.9}}
+    overrides = {"inter.method": "supervised", "inter.init": "scratch", **recipe}
+    assert main(["prepare", "--params", str(write_params(tmp_path, {**FAST, **overrides})), "--quiet"]) == 0
+    assert run(tmp_path, "source", overrides) == 0
+    assert run(tmp_path, "inter", overrides) == 0
+    source = torch.load(tmp_path / "models" / "source" / "model.pt", weights_only=False)
+    inter = torch.load(tmp_path / "models" / "inter" / "model.pt", weights_only=False)
+    assert source["model"].keys() == inter["model"].keys()
+    assert all(torch.equal(source["model"][k], inter["model"][k]) for k in source["model"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_ = next(r for r in client.search_runs([client.get_experiment_by_name("segshift").experiment_id])
+                if r.data.tags.get("segshift.stage") == "inter")
+    assert run_.data.params["inter.method"] == "supervised"
+    assert not {"entropy", "adv", "mixed"} & {k.split("/")[-1] for k in run_.data.metrics}
