@@ -193,19 +193,23 @@ def baselines(entries: dict[str, CompareEntry], models: dict[str, str]) -> dict[
 
 
 def controls(entries: dict[str, CompareEntry], models: dict[str, str]) -> dict[str, str | None]:
-    """Each adapting entry's budget control on the same model: an entry that runs `source` then
-    `inter` with `inter.method: supervised` and sets nothing else but `model.*`, i.e. source-only
-    given the adaptation stage's steps on source labels alone. An adaptation stage also keeps
-    training on source labels, so part of its gain over source-only is the extra steps; the
-    control measures that part. None for source-only references, the control itself and the oracle."""
-    candidates = [n for n, e in entries.items() if list(e.stages) == ["source", "inter"]
-                  and e.set.get("inter.method") == "supervised"
-                  and all(k == "inter.method" or k.startswith("model.") for k in e.set)]
+    """Each adapting entry's budget control: the entry with the same stages and settings whose
+    `inter.method` is `supervised` (its `methods.*` settings aside), i.e. the same steps, batch
+    and optimiser on source labels alone. An adaptation stage keeps training on source labels
+    too, so part of its gain over source-only is those steps; the control measures that part.
+    None where no such entry is compared (and for the controls themselves)."""
+    def without_method(entry: CompareEntry) -> tuple:
+        kept = {k: v for k, v in entry.set.items() if k != "inter.method" and not k.startswith("methods.")}
+        return tuple(entry.stages), json.dumps(kept, sort_keys=True)
+    candidates = {without_method(e): n for n, e in entries.items() if e.set.get("inter.method") == "supervised"}
     def control(name: str) -> str | None:
-        stages = entries[name].stages
-        if name in candidates or "oracle" in stages or list(stages) == ["source"]:
+        entry = entries[name]
+        if entry.set.get("inter.method") in (None, "supervised"):
             return None
-        return next((c for c in candidates if models[c] == models[name]), None)
+        if entry.set.get("methods.fda.ensemble_betas"):
+            return None   # one model per beta and a self-training round, each the full steps
+        found = candidates.get(without_method(entry))
+        return found if found is not None and models[found] == models[name] else None
     return {name: control(name) for name in entries}
 
 

@@ -57,17 +57,22 @@ def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(
     assert runs["labor-spl", 3].params.inter.iterations == 300       # the entry's own budget
     assert plan.baselines["dacs"] == "source-only" and plan.baselines["bisenet-dacs"] == "bisenet-source-only"
     assert runs["source-continued", 3].params.inter.method == "supervised"
-    assert plan.controls["dacs"] == plan.controls["lse"] == plan.controls["intrada"] == "source-continued"
-    assert {e: plan.controls[e] for e in ("source-only", "augmentation", "source-continued", "oracle",
-                                          "bisenet-dacs")} == dict.fromkeys(
-        ("source-only", "augmentation", "source-continued", "oracle", "bisenet-dacs"))   # no BiSeNet control
+    # the control: the same stages and settings with inter.method supervised (methods.* aside)
+    assert plan.controls["dacs"] == plan.controls["lse"] == plan.controls["advent"] == "source-continued"
+    assert plan.controls["fda"] == "fda-control" and runs["fda-control", 3].params.inter.init == "scratch"
+    nothing = ("source-only", "augmentation", "source-continued", "fda-control", "oracle",
+               "intrada",          # its intra stage is more than the control's steps
+               "labor-spl",        # 300 inter steps, the control 150
+               "fda-multiband",    # one model per beta and a self-training round
+               "bisenet-dacs")     # no BiSeNet control is compared
+    assert {e: plan.controls[e] for e in nothing} == dict.fromkeys(nothing)
 
 
 def test_entries_with_the_same_source_settings_share_one_source_per_seed(tmp_path):
     plan = build_plan(load_params(compare_params(tmp_path)), seeds=[0, 1])
     runs = {(r.entry, r.seed): r for r in plan.runs}
     shared = {runs[e, 0].source.run_dir for e in ("source-only", "adaptsegnet", "minent", "advent",
-                                                  "intrada", "fda", "dacs")}
+                                                  "intrada", "dacs", "source-continued")}
     assert len(shared) == 1
     (source_dir,) = shared
     assert source_dir.parent.parent == tmp_path / "runs" / "_source" and source_dir.name == "seed-0"
@@ -76,7 +81,7 @@ def test_entries_with_the_same_source_settings_share_one_source_per_seed(tmp_pat
     assert runs["augmentation", 0].source.run_dir != source_dir          # source.augment differs
     assert runs["bisenet-dacs", 0].source.run_dir == runs["bisenet-source-only", 0].source.run_dir
     assert runs["bisenet-dacs", 0].source.run_dir != source_dir          # another model
-    assert runs["oracle", 0].source is None
+    assert runs["oracle", 0].source is None and runs["fda", 0].source is None   # FDA trains from scratch
 
 
 @pytest.mark.parametrize("entries, common, expected", [
