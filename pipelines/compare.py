@@ -192,7 +192,7 @@ def baselines(entries: dict[str, CompareEntry], models: dict[str, str]) -> dict[
     return {name: next((c for c in candidates if models[c] == models[name]), None) for name in entries}
 
 
-def controls(entries: dict[str, CompareEntry], models: dict[str, str]) -> dict[str, str | None]:
+def controls(entries: dict[str, CompareEntry]) -> dict[str, str | None]:
     """Each adapting entry's budget control: the entry with the same stages and settings whose
     `inter.method` is `supervised` (its `methods.*` settings aside), i.e. the same steps, batch
     and optimiser on source labels alone. An adaptation stage keeps training on source labels
@@ -208,8 +208,7 @@ def controls(entries: dict[str, CompareEntry], models: dict[str, str]) -> dict[s
             return None
         if entry.set.get("methods.fda.ensemble_betas"):
             return None   # one model per beta and a self-training round, each the full steps
-        found = candidates.get(without_method(entry))
-        return found if found is not None and models[found] == models[name] else None
+        return candidates.get(without_method(entry))   # same settings, so the same model
     return {name: control(name) for name in entries}
 
 
@@ -251,7 +250,7 @@ def build_plan(params: Params, entries: list[str] | None = None, seeds: list[int
                                    out_dir / SOURCE_DIR / key / f"seed-{seed}")
             run_dir = out_dir / name / f"seed-{seed}"
             runs.append(Run(name, seed, tuple(entry.stages), seed_params(this, seed, run_dir), run_dir, shared))
-    return Plan(seeds, chosen, runs, baselines(chosen, models), models, controls(chosen, models))
+    return Plan(seeds, chosen, runs, baselines(chosen, models), models, controls(chosen))
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -282,7 +281,8 @@ def same_run(recorded: Any, record: dict[str, Any]) -> bool:
         if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
             return None
         return {**tree, "params": {k: v for k, v in tree["params"].items() if k != "compare"}}
-    return essential(recorded) is not None and essential(recorded) == essential(record)
+    found = essential(recorded)
+    return found is not None and found == essential(record)
 
 
 def _score(metrics: dict) -> str:
@@ -411,7 +411,8 @@ def aggregate(entries: dict[str, dict], runs: dict[str, dict[int, dict[str, dict
         per_class = {str(s): m["test"]["per_class_iou"] for s, m in results.items()}
         out[name] = {
             "stages": stages, "reported_stage": reported, "model": info["model"],
-            "baseline": info.get("baseline"), "control": info.get("control"), "shared_source": bool(info.get("shared_source")),
+            "baseline": info.get("baseline"), "control": info.get("control"),
+            "shared_source": bool(info.get("shared_source")),
             "miou": miou, "miou_mean": mean, "miou_std": std,
             "miou_16_mean": _nanmean([m["test"].get("miou_16") for m in results.values()]),
             "miou_13_mean": _nanmean([m["test"].get("miou_13") for m in results.values()]),

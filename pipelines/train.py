@@ -300,12 +300,10 @@ def build_method(job: StageJob, model: torch.nn.Module):
     """The stage's `method:` over its network (one file per method under components/methods/)."""
     params = job.config
     cfg = stage_config(params, job.stage)
-    if not isinstance(cfg, AdaptationStageConfig):
+    if not isinstance(cfg, AdaptationStageConfig) or cfg.method == "supervised":
         return Supervised(model, cfg)
     if job.round:
         return build_round_method(job.round_spec, job, model)
-    if cfg.method == "supervised":
-        return Supervised(model, cfg)
     if cfg.method == "dacs":
         return DACS(model, cfg, params.methods.dacs, seed=params.engine.seed)
     if cfg.method == "fda":
