@@ -227,6 +227,11 @@ class ScaleInvariantExample(NamedTuple):
     box: CropBox
 
 
+def crop_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """The (height, width) of a crop of 1/`scale` of a `height` x `width` image."""
+    return max(1, int(height / scale + _EPS)), max(1, int(width / scale + _EPS))
+
+
 def scale_invariant_crop(image: torch.Tensor, pseudo_label: torch.Tensor, scale: float = REFERENCE_SCALE,
                          generator: torch.Generator | None = None,
                          box: CropBox | tuple[int, int, int, int] | None = None) -> ScaleInvariantExample:
@@ -253,7 +258,7 @@ def scale_invariant_crop(image: torch.Tensor, pseudo_label: torch.Tensor, scale:
     if tuple(pseudo_label.shape) != (height, width):
         raise ValueError(f"pseudo_label {tuple(pseudo_label.shape)} does not match image size "
                          f"{(height, width)}")
-    crop_h, crop_w = max(1, int(height / scale + _EPS)), max(1, int(width / scale + _EPS))
+    crop_h, crop_w = crop_size(height, width, scale)
     if box is None:
         top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator))
@@ -328,11 +333,18 @@ class LSE(Method):
         self.cfg, self.lse, self.seed = stage_cfg, lse_cfg, seed
         self.add_segmenter(model, stage_cfg.optimizer)
 
+    def crops_per_image(self, images: torch.Tensor) -> int:
+        """`crops_per_image`, or 1 where the crop is the whole image (scale 1): every crop would be
+        the same full image, and copies of it add compute but change neither the per-pixel mean
+        loss nor the batch-norm statistics."""
+        height, width = images.shape[-2:]
+        return 1 if crop_size(height, width, self.lse.scale) == (height, width) else self.lse.crops_per_image
+
     def scale_invariant_batch(self, images: torch.Tensor, labels: torch.Tensor,
                               step: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         examples = [scale_invariant_crop(image, label, self.lse.scale, generator)
-                    for image, label in zip(images, labels) for _ in range(self.lse.crops_per_image)]
+                    for image, label in zip(images, labels) for _ in range(self.crops_per_image(images))]
         return (torch.stack([e.image for e in examples]).to(images.dtype),
                 torch.stack([e.label for e in examples]).long())
 
