@@ -64,6 +64,7 @@ def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(
                "intrada",          # its intra stage is more than the control's steps
                "labor-spl",        # 300 inter steps, the control 150
                "fda-multiband",    # one model per beta and a self-training round
+               "fda-long",         # 750 steps, the control 375
                "bisenet-dacs")     # no BiSeNet control is compared
     assert {e: plan.controls[e] for e in nothing} == dict.fromkeys(nothing)
 
