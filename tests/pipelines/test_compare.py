@@ -60,11 +60,11 @@ def test_plan_applies_the_overrides_and_moves_every_output_under_entry_and_seed(
     # the control: the same stages and settings with inter.method supervised (methods.* aside)
     assert plan.controls["dacs"] == plan.controls["lse"] == plan.controls["advent"] == "source-continued"
     assert plan.controls["fda"] == "fda-control" and runs["fda-control", 3].params.inter.init == "scratch"
-    nothing = ("source-only", "augmentation", "source-continued", "fda-control", "oracle",
+    assert plan.controls["fda-long"] == "fda-long-control"     # matched on the step budget too
+    nothing = ("source-only", "augmentation", "source-continued", "fda-control", "fda-long-control", "oracle",
                "intrada",          # its intra stage is more than the control's steps
                "labor-spl",        # 300 inter steps, the control 150
                "fda-multiband",    # one model per beta and a self-training round
-               "fda-long",         # 750 steps, the control 375
                "bisenet-dacs")     # no BiSeNet control is compared
     assert {e: plan.controls[e] for e in nothing} == dict.fromkeys(nothing)
 
