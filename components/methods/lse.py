@@ -343,8 +343,9 @@ class LSE(Method):
     def scale_invariant_batch(self, images: torch.Tensor, labels: torch.Tensor,
                               step: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        copies = self.crops_per_image(images)
         examples = [scale_invariant_crop(image, label, self.lse.scale, generator)
-                    for image, label in zip(images, labels) for _ in range(self.crops_per_image(images))]
+                    for image, label in zip(images, labels) for _ in range(copies)]
         return (torch.stack([e.image for e in examples]).to(images.dtype),
                 torch.stack([e.label for e in examples]).long())
 
