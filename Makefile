@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Run DVC stages with the venv's `segshift` on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-slow test-all bench clean
+.PHONY: install repro test test-slow test-all bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test-all: install
 
 bench: install
 	$(BIN)/segshift bench
+
+# Every GPU path on one CUDA GPU (about 10 min): cuda tests, a step of every method, the main job,
+# R101 throughput and FLOP/s, profile -> reports/gpu-check/gpu_check.{json,md}. Skips without a GPU.
+gpu-check: install
+	$(BIN)/segshift gpu-check
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -6,7 +6,7 @@ so a value a stage uses can always be found (and changed with `dvc exp run -S`) 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -151,8 +151,9 @@ class EngineConfig(_Strict):
     """Settings of the training engine shared by every training stage."""
 
     device: Literal["auto", "cpu", "cuda"]
-    amp: Literal["none", "bf16", "fp16"]
-    channels_last: bool
+    # auto: bf16 where the device computes it natively, fp16 on CUDA tensor cores, else fp32
+    amp: Literal["auto", "none", "bf16", "fp16"]
+    channels_last: bool | Literal["auto"]   # auto: channels-last under AMP, NCHW in fp32
     seed: int = Field(ge=0)
     log_every: int = Field(ge=1)
     val_every: int = Field(ge=1)
@@ -320,7 +321,9 @@ class RankConfig(_Strict):
     # easy split's pixels, the rest -> ignore (255); null = keep all.
     class_balanced_share: float | None = Field(gt=0, le=1)
     batch_size: int = Field(ge=1)       # images per inference batch
-    concurrency: int = Field(ge=1)      # Ray Data inference actors
+    # Ray Data inference actors; auto: as many as the Ray instance has CPUs (GPUs) for, at most
+    # one per batch of target-train images
+    concurrency: Annotated[int, Field(ge=1)] | Literal["auto"]
     cpus_per_actor: float = Field(gt=0)
     gpus_per_actor: float = Field(ge=0)
     out_dir: str                        # ranking.parquet and pseudo_labels/ (a DVC out)

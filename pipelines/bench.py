@@ -15,11 +15,19 @@ from segshift.components.data.builtin import BuiltinSpec, write_builtin_domain
 
 
 def machine_description() -> dict:
+    """The machine beside every figure: CPU model, torch's CPU capability and bf16 support."""
     import torch
+
+    from segshift.components.engine.precision import cpu_record
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": platform.processor() or platform.machine(), **cpu_record(),
             "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# What an AVX2-only CPU runs: ATen's kernels dispatched at AVX2 and oneDNN capped at AVX2 (no
+# AVX-512, no native bf16), so that a machine with AVX-512 can measure both.
+CPU_ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
 def bench_generate(count: int, height: int, width: int, workers: int) -> dict:
@@ -65,7 +73,8 @@ TRAIN_CASES: dict[str, dict] = {
 GPU_SIZES = {"gta5_1280x720": (720, 1280), "cityscapes_1024x512": (512, 1024)}
 
 
-def _train_step_worker(case: dict, amp: str, channels_last: bool, steps: int, queue) -> None:
+def _train_step_worker(case: dict, amp: str, channels_last: bool, steps: int, queue,
+                       count_flops: bool = False) -> None:
     """Runs in a fresh process so that its peak memory is its own."""
     import resource
 
@@ -109,15 +118,23 @@ def _train_step_worker(case: dict, amp: str, channels_last: bool, steps: int, qu
     seconds = time.perf_counter() - start
     peak_mib = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    queue.put({"device": str(device), "images_per_s": round(case["batch"] * steps / seconds, 2),
-               "peak_memory_mib": round(peak_mib), "step_s": round(seconds / steps, 3)})
+    result = {"device": str(device), "images_per_s": round(case["batch"] * steps / seconds, 2),
+              "peak_memory_mib": round(peak_mib), "step_s": round(seconds / steps, 3)}
+    if count_flops:     # one more, untimed step: forward and backward convolutions and matmuls
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            step()
+        result["train_flops"] = int(counter.get_total_flops())
+    queue.put(result)
 
 
-def bench_train(name: str, case: dict, amp: str, channels_last: bool, steps: int) -> dict:
+def bench_train(name: str, case: dict, amp: str, channels_last: bool, steps: int,
+                count_flops: bool = False) -> dict:
     import multiprocessing
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_train_step_worker, args=(case, amp, channels_last, steps, queue))
+    process = context.Process(target=_train_step_worker,
+                              args=(case, amp, channels_last, steps, queue, count_flops))
     process.start()
     while True:     # a worker that dies (bad config, out of memory) must not leave us waiting
         try:
@@ -132,10 +149,26 @@ def bench_train(name: str, case: dict, amp: str, channels_last: bool, steps: int
             "batch": case["batch"], "amp": amp, "channels_last": channels_last, **result}
 
 
-def train_cases(on_gpu: bool) -> list[tuple[str, dict, str, bool]]:
-    """CPU: fp32 and bf16; GPU: DeepLab-v2-R101 at the paper sizes with and without AMP/channels-last."""
+def auto_choice(on_gpu: bool) -> tuple[str, bool]:
+    """What `engine.amp: auto` and `engine.channels_last: auto` pick on this machine."""
+    import torch
+
+    from segshift.components.engine.precision import Hardware, resolve_speed
+    device = torch.device("cuda" if on_gpu else "cpu")
+    speed = resolve_speed("auto", "auto", Hardware.detect(device))
+    return speed.amp, speed.channels_last
+
+
+def train_cases(on_gpu: bool, native_bf16: bool) -> list[tuple[str, dict, str, bool]]:
+    """CPU: fp32 and bf16, NCHW and channels-last (bf16 of the reference network only where it is
+    native: emulated it takes minutes a step); GPU: DeepLab-v2-R101 at the paper sizes with and
+    without AMP/channels-last."""
     if not on_gpu:
-        return [(name, case, amp, False) for name, case in TRAIN_CASES.items() for amp in ("none", "bf16")]
+        small = [("small_deeplabv2_r18_w0.25", TRAIN_CASES["small_deeplabv2_r18_w0.25"], amp, cl)
+                 for amp in ("none", "bf16") for cl in (False, True)]
+        r101 = [("deeplabv2_r101", TRAIN_CASES["deeplabv2_r101"], amp, True)
+                for amp in (("none", "bf16") if native_bf16 else ("none",))]
+        return small + r101
     cases = []
     for size_name, size in GPU_SIZES.items():
         case = {**TRAIN_CASES["deeplabv2_r101"], "size": size, "batch": 1}
@@ -192,6 +225,12 @@ def bench_stages(params_path: str) -> list[dict]:
             for stage, run in sorted(stages.items(), key=lambda kv: kv[1].info.start_time)]
 
 
+def synchronise(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 METHOD_CASES = ("supervised", "advent", "adaptsegnet", "minent", "dacs", "fda", "lse", "labor_selector")
 
 
@@ -222,39 +261,55 @@ def _method_for(case: str, params):
 
 def bench_methods(params_path: str, steps: int) -> list[dict]:
     """Training-step throughput of every method on the project's model, at the built-in image
-    size, with the project's batch sizes and AMP; images/s counts every image a step reads."""
+    size, with the project's batch sizes, precision and memory format as the engine resolves them
+    on this CPU; images/s counts every image a step reads."""
     import torch
 
     from segshift.components.config import load_params
-    params = load_params(params_path)
+    return bench_methods_on(load_params(params_path), steps, torch.device("cpu"))
+
+
+def bench_methods_on(params, steps: int, device) -> list[dict]:
+    import torch
+
+    from segshift.components.engine.loop import speed_settings
     height, width = params.prepare.builtin.height, params.prepare.builtin.width
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(params.engine.amp)
+    speed = speed_settings(params.engine, device)
     rows = []
     for case in METHOD_CASES:
         torch.manual_seed(0)
         method = _method_for(case, params)
+        for module in method.modules.values():
+            module.to(device, memory_format=speed.memory_format)
         batch_size = params.source.batch_size if case in ("supervised", "lse", "labor_selector") \
             else params.inter.batch_size
-        batch = {role: (torch.randn(batch_size, 3, height, width),
-                        torch.randint(0, 19, (batch_size, height, width))) for role in method.roles}
+        batch = {role: (torch.randn(batch_size, 3, height, width, device=device).contiguous(
+                            memory_format=speed.memory_format),
+                        torch.randint(0, 19, (batch_size, height, width), device=device)) for role in method.roles}
         optimizers = [spec.optimizer for spec in method.optimizers.values()]
+        scaler = torch.amp.GradScaler(device.type) if speed.amp == "fp16" else None
 
         def step(i: int) -> None:
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-                method.training_step(batch, i, lambda loss: loss.backward())
+            dtype = speed.autocast_dtype
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                method.training_step(batch, i, lambda loss: (scaler.scale(loss) if scaler else loss).backward())
             for optimizer in optimizers:
-                optimizer.step()
+                scaler.step(optimizer) if scaler else optimizer.step()
+            if scaler:
+                scaler.update()
         step(0)    # warm-up
+        synchronise(device)
         start = time.perf_counter()
         for i in range(1, steps + 1):
             step(i)
+        synchronise(device)
         seconds = time.perf_counter() - start
         images = batch_size * len(method.roles) * steps
         rows.append({"benchmark": "method_step", "method": case, "batch": {r: batch_size for r in method.roles},
-                     "size": [width, height], "amp": params.engine.amp, "step_s": round(seconds / steps, 3),
-                     "images_per_s": round(images / seconds, 1)})
+                     "size": [width, height], "amp": speed.amp, "channels_last": speed.channels_last,
+                     "step_s": round(seconds / steps, 3), "images_per_s": round(images / seconds, 1)})
     return rows
 
 
@@ -279,16 +334,33 @@ def bench_sweep(params_path: str, schedulers: list[str]) -> list[dict]:
     return rows
 
 
+def isa_capped(isa: str) -> bool:
+    return all(os.environ.get(k) == v for k, v in CPU_ISA_ENV[isa].items())
+
+
+def _rerun_with_isa(argv: list[str], isa: str) -> int:
+    """Run this same command again with the CPU's instruction set capped at `isa`: ATen and oneDNN
+    read their caps once, at start-up, so it takes a fresh process."""
+    import subprocess
+    import sys
+    env = {**os.environ, **CPU_ISA_ENV[isa]}
+    return subprocess.run([sys.executable, "-m", "segshift.pipelines.cli", *argv], env=env).returncode
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
-    results = {"machine": machine_description(), "results": []}
+    if args.cpu_isa != "native" and not isa_capped(args.cpu_isa):
+        return _rerun_with_isa(args.argv, args.cpu_isa)
+    machine = machine_description()
+    results = {"machine": machine, "auto": dict(zip(("amp", "channels_last"), auto_choice(torch.cuda.is_available()))),
+               "results": []}
     for workers in args.workers:
         if args.what in ("generate", "all"):
             results["results"].append(bench_generate(args.count, args.height, args.width, workers))
         if args.what in ("ingest", "all"):
             results["results"].append(bench_ingest(args.ingest_count, workers))
     if args.what in ("train", "all"):
-        for name, case, amp, channels_last in train_cases(torch.cuda.is_available()):
+        for name, case, amp, channels_last in train_cases(torch.cuda.is_available(), machine["native_bf16"]):
             results["results"].append(bench_train(name, case, amp, channels_last, args.train_steps))
     if args.what == "rank":
         results["results"] += bench_rank(args.params, args.actors)
@@ -316,6 +388,9 @@ def build_bench_parser(sub) -> None:
     parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per case")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="rank: actor pool sizes")
     parser.add_argument("--params", default="params.yaml", help="rank, stages, sweep: the project's params")
+    parser.add_argument("--cpu-isa", choices=["native", *CPU_ISA_ENV], default="native",
+                        help="avx2: measure as an AVX2-only CPU would run (ATen and oneDNN capped at "
+                        "AVX2: no AVX-512, no native bf16) on a machine that has more")
     parser.add_argument("--schedulers", nargs="+", default=["asha", "fifo"], choices=["asha", "fifo"],
                         help="sweep: run the project's sweep once with each (as sweeps/bench-<name>)")
     parser.set_defaults(func=_cmd_bench)

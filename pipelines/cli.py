@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.profile import build_profile_parser
     from segshift.pipelines.rank import build_rank_parser
     from segshift.pipelines.evaluate import build_evaluate_parser
+    from segshift.pipelines.gpu_check import build_gpu_check_parser
     from segshift.pipelines.preset import build_preset_parser
     from segshift.pipelines.seeds import build_seeds_parser
     from segshift.pipelines.sweep import build_sweep_parser
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_preview_parser(sub, _add_params)
     build_bench_parser(sub)
     build_profile_parser(sub, _add_params)
+    build_gpu_check_parser(sub, _add_params)
     build_preset_parser(sub)
     return parser
 
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # for a command that re-runs itself
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:

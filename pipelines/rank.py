@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segshift.components.config import Params, load_params
+from segshift.components.config import Params, RankConfig, load_params
 from segshift.components.data.dataset import read_rgb, to_tensor
 from segshift.components.data.labels import CLASS_NAMES, NUM_CLASSES
 from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
@@ -125,16 +125,28 @@ class ScoreActor:
         return {"sample_id": np.array(ids, dtype=object), **out}
 
 
-def _check_resources(params: Params) -> None:
+def actor_pool_size(cfg: RankConfig, available: dict[str, float], images: int) -> int:
+    """`rank.concurrency`, with `auto` resolved: as many actors as `available` (the Ray
+    instance's resources) has room for, and no more than there are batches to score. One
+    single-threaded actor per core beats one actor using them all (BENCHMARKS.md)."""
+    if cfg.concurrency != "auto":
+        return cfg.concurrency
+    fits = [available.get("CPU", 1) / cfg.cpus_per_actor]
+    if cfg.gpus_per_actor > 0:
+        fits.append(available.get("GPU", 0) / cfg.gpus_per_actor)
+    return max(1, min(int(min(fits)), math.ceil(images / cfg.batch_size)))
+
+
+def _check_resources(params: Params, actors: int) -> None:
     """On a local Ray instance, an actor pool larger than the machine would wait forever."""
     from segshift.pipelines.cluster import local_shortfall
     cfg = params.rank
     per_actor = {"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}
-    short = local_shortfall(params, {r: cfg.concurrency * n for r, n in per_actor.items()})
+    short = local_shortfall(params, {r: actors * n for r, n in per_actor.items()})
     if short:
         resource, need, have = short
         raise RankingError(
-            f"rank.concurrency = {cfg.concurrency} actors x {per_actor[resource]} {resource} need {need:g} "
+            f"rank.concurrency = {actors} actors x {per_actor[resource]} {resource} need {need:g} "
             f"{resource}s but the local Ray instance has {have:g}; lower "
             f"rank.concurrency or rank.{resource.lower()}s_per_actor (or raise ray.local_num_cpus)")
 
@@ -146,10 +158,11 @@ def run_inference(params: Params, inputs: RankInputs, out_dir: Path, progress: b
     from ray.data import ActorPoolStrategy, DataContext
     from segshift.pipelines.cluster import connect_ray
     connect_ray(params)
-    _check_resources(params)
     cfg = params.rank
     items = [{"sample_id": r["sample_id"], "image": r["image"]} for r in inputs.rows]
-    blocks = min(len(items), max(cfg.concurrency, math.ceil(len(items) / cfg.batch_size)))
+    actors = actor_pool_size(cfg, ray.cluster_resources(), len(items))
+    _check_resources(params, actors)
+    blocks = min(len(items), max(actors, math.ceil(len(items) / cfg.batch_size)))
     context = DataContext.get_current()
     saved = (context.enable_progress_bars, context.print_on_execution_start)
     context.enable_progress_bars = context.print_on_execution_start = progress
@@ -163,7 +176,7 @@ def run_inference(params: Params, inputs: RankInputs, out_dir: Path, progress: b
             resources["num_gpus"] = cfg.gpus_per_actor
         dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
             ScoreActor, batch_size=cfg.batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(size=cfg.concurrency),
+            compute=ActorPoolStrategy(size=actors),
             fn_constructor_kwargs={"params": params.model_dump(mode="json"),
                                    "model_path": str(inputs.model),
                                    "target_dir": str(inputs.target_dir),

@@ -32,7 +32,8 @@ from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.engine.checkpoint import load_checkpoint, save_checkpoint
-from segshift.components.engine.loop import Runtime, Trainer, resolve_device
+from segshift.components.engine.loop import Runtime, Trainer, resolve_device, speed_settings
+from segshift.components.engine.precision import SpeedSettings
 from segshift.components.evaluation import evaluate, validation_metrics
 from segshift.components.io import atomic_write_text, resolve_under
 from segshift.components.methods.advent import OutputSpaceAdaptation
@@ -241,17 +242,17 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_fingerprint(job: StageJob) -> str:
-    """What a resumable checkpoint must match: the stage, model, seed, precision, the settings of
-    the method the stage names (`methods.<method>`: a checkpoint of LSE at scale 2 is not one of
-    LSE at scale 1) and every input."""
+def run_fingerprint(job: StageJob, amp: str) -> str:
+    """What a resumable checkpoint must match: the stage, model, seed, precision (as resolved on
+    this machine), the settings of the method the stage names (`methods.<method>`: a checkpoint of
+    LSE at scale 2 is not one of LSE at scale 1) and every input."""
     params, stage = job.config, job.stage
     stage_cfg = getattr(params, stage)
     method = getattr(params.methods, getattr(stage_cfg, "method", ""), None)
     identity = {"stage": stage, "stage_config": stage_cfg.model_dump(mode="json"),
                 "method": method.model_dump(mode="json") if method is not None else None,
                 "model": params.model.model_dump(mode="json"), "seed": params.engine.seed,
-                "amp": params.engine.amp, "data": data_fingerprint(job.prepared)}
+                "amp": amp, "data": data_fingerprint(job.prepared)}
     init = init_model_path(job)
     if init is not None:
         identity["init"] = file_digest(init)
@@ -344,10 +345,13 @@ def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float
     val = PreparedSplit(prepared / "target", "val", cache=engine.cache_images,
                         need_labels=engine.selection == "val_miou")
     method = build_method(job, initial_model(job))
+    speed = speed_settings(engine, runtime.device)
+    if runtime.is_main and not (job.round and job.round["step_offset"]):
+        announce_speed(stage, speed)
     trainer = Trainer(
         method, engine, job.iterations, cfg.accumulation,
         checkpoint_path=checkpoints / "last.pt", best_path=checkpoints / "best.pt",
-        fingerprint=run_fingerprint(job), runtime=runtime,
+        fingerprint=run_fingerprint(job, speed.amp), runtime=runtime, speed=speed,
         validate=lambda m: validation_metrics(evaluate(m, val, engine.eval_batch_size, runtime.device)),
         on_log=log if runtime.is_main else None, on_validation=on_validation,
         on_checkpoint=job.push_checkpoint,
@@ -358,8 +362,17 @@ def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float
     summary = {"steps": result.steps, "resumed_from": result.resumed_from,
                "selection": {"metric": result.selection.metric, "value": result.selection.value,
                              "step": result.selection.step},
-               "history": result.history, "earlier_seconds": result.earlier_seconds}
+               "history": result.history, "earlier_seconds": result.earlier_seconds,
+               "speed": speed.record()}
     return summary
+
+
+def announce_speed(stage: str, speed: SpeedSettings) -> None:
+    """Once per stage, before its first step: the precision and layout this machine trains in."""
+    from tqdm import tqdm
+    tqdm.write(f"{stage}: precision {speed.reason}")
+    if speed.warning:
+        tqdm.write(f"warning: {speed.warning}")
 
 
 def _ray_worker(config: dict) -> None:
@@ -463,9 +476,11 @@ def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
     metrics = {"stage": job.stage, "test": evaluation.summary(), "val": best["metrics"],
                "selected_step": best["step"], "selection": summary["selection"],
                "steps": summary["steps"], "resumed_from": summary["resumed_from"],
-               "seconds": round(seconds + summary.get("earlier_seconds", 0.0), 1), **summary.get("extra", {})}
+               "seconds": round(seconds + summary.get("earlier_seconds", 0.0), 1),
+               "speed": summary.get("speed", {}), **summary.get("extra", {})}
     write_stage_report(job, metrics, evaluation, model, test, device, tracker)
     if tracker is not None:
+        tracker.log_params({"resolved": summary.get("speed", {})})
         tracker.log_metrics({f"test_{k}": v for k, v in evaluation.summary().items()
                              if isinstance(v, float)}, step=summary["steps"])
         tracker.log_artifact(model_path, "model")

@@ -22,6 +22,7 @@ from segshift.components.config import EngineConfig
 from segshift.components.engine.checkpoint import (capture_rng_state, load_checkpoint,
                                                    restore_rng_state, save_checkpoint)
 from segshift.components.engine.optim import set_poly_lr
+from segshift.components.engine.precision import Hardware, PrecisionError, SpeedSettings, resolve_speed
 from segshift.components.methods.base import Batch, Method
 
 CHECKPOINT_FORMAT = 1
@@ -57,9 +58,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_amp(amp: str, device: torch.device) -> None:
-    if amp == "fp16" and device.type != "cuda":
-        raise EngineError("engine.amp 'fp16' needs a CUDA device; on CPU use 'bf16' or 'none'")
+def speed_settings(cfg: EngineConfig, device: torch.device) -> SpeedSettings:
+    """`engine.amp` and `engine.channels_last` resolved for this device (`auto` by capability)."""
+    try:
+        return resolve_speed(cfg.amp, cfg.channels_last, Hardware.detect(device))
+    except PrecisionError as exc:
+        raise EngineError(str(exc)) from None
 
 
 @dataclass
@@ -99,8 +103,8 @@ class Trainer:
                  on_log: Callable[[dict[str, float], int], None] | None = None,
                  on_validation: Callable[[dict[str, float], int], None] | None = None,
                  on_checkpoint: Callable[[Path], None] | None = None,
-                 progress: bool = True, desc: str = "train"):
-        check_amp(cfg.amp, runtime.device)
+                 progress: bool = True, desc: str = "train", speed: SpeedSettings | None = None):
+        self.speed = speed or speed_settings(cfg, runtime.device)
         self.method, self.cfg, self.runtime = method, cfg, runtime
         self.iterations, self.accumulation = iterations, accumulation
         self.checkpoint_path, self.best_path, self.fingerprint = checkpoint_path, best_path, fingerprint
@@ -111,12 +115,12 @@ class Trainer:
         # called on rank 0 with each checkpoint file just written, e.g. to copy it to S3
         self.on_checkpoint = on_checkpoint or (lambda path: None)
         self.progress, self.desc = progress and runtime.is_main, desc
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.speed.amp == "fp16" else None
         self.selection = Selection(metric=cfg.selection)
 
     # -- setup -----------------------------------------------------------------------------
     def _place_modules(self) -> None:
-        memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        memory_format = self.speed.memory_format
         for name, module in list(self.method.modules.items()):
             module.to(self.runtime.device, memory_format=memory_format)
             has_grad = any(p.requires_grad for p in module.parameters())
@@ -130,9 +134,9 @@ class Trainer:
         return {n: unwrap(m) for n, m in self.method.modules.items()}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.amp == "none":
+        dtype = self.speed.autocast_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
         return torch.autocast(self.runtime.device.type, dtype=dtype)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -245,7 +249,7 @@ class Trainer:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _next_batch(self, streams: dict[str, Iterator]) -> Batch:
-        memory_format = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        memory_format = self.speed.memory_format
         batch = {}
         for role, stream in streams.items():
             images, labels = next(stream)

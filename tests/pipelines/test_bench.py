@@ -26,10 +26,32 @@ def test_train_step_benchmark_reports_speed_and_peak_memory():
     assert result["size"] == [64, 32] and result["device"] == "cpu"
 
 
-def test_cpu_cases_cover_the_small_model_and_r101_with_and_without_bf16():
-    cases = {(name, amp) for name, _, amp, _ in train_cases(on_gpu=False)}
-    assert cases == {("small_deeplabv2_r18_w0.25", "none"), ("small_deeplabv2_r18_w0.25", "bf16"),
-                     ("deeplabv2_r101", "none"), ("deeplabv2_r101", "bf16")}
+def test_cpu_cases_cover_fp32_and_bf16_in_both_layouts_and_r101_in_bf16_only_where_native():
+    small = "small_deeplabv2_r18_w0.25"
+    cases = {(name, amp, cl) for name, _, amp, cl in train_cases(on_gpu=False, native_bf16=True)}
+    assert cases == {(small, "none", False), (small, "none", True), (small, "bf16", False), (small, "bf16", True),
+                     ("deeplabv2_r101", "none", True), ("deeplabv2_r101", "bf16", True)}
+    emulated = {(name, amp) for name, _, amp, _ in train_cases(on_gpu=False, native_bf16=False)}
+    assert ("deeplabv2_r101", "bf16") not in emulated and (small, "bf16") in emulated
+
+
+def test_bench_names_the_cpu_capability_and_what_auto_picks(capsys):
+    assert main(["bench", "generate", "--count", "2", "--height", "32", "--width", "64", "--workers", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    import torch
+    assert report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["auto"]["amp"] == ("bf16" if report["machine"]["native_bf16"] else "none")
+
+
+def test_bench_as_an_avx2_cpu_reruns_itself_with_the_isa_capped(capsys):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "segshift.pipelines.cli", "bench", "generate", "--count", "2",
+                           "--height", "32", "--width", "64", "--workers", "1", "--cpu-isa", "avx2"],
+                          capture_output=True, text=True, check=True)
+    report = json.loads(proc.stdout)
+    assert report["machine"]["cpu_capability"] == "AVX2"
+    assert report["machine"]["native_bf16"] is False and report["auto"] == {"amp": "none", "channels_last": False}
 
 
 def test_methods_benchmark_times_a_step_of_every_method(tmp_path):

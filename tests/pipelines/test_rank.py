@@ -257,3 +257,16 @@ def test_class_balanced_selection_keeps_the_most_confident_share_of_each_class(r
     assert 0.3 < (kept == 255).mean() < 0.7
     assert set(metrics["class_thresholds"]) >= {"road", "sky"}
     assert metrics["pseudo_label_ignored_share"] == pytest.approx((kept == 255).mean(), abs=1e-6)
+
+
+@pytest.mark.parametrize("overrides, available, images, expected", [
+    ({"rank.concurrency": 3}, {"CPU": 2.0}, 1000, 3),                 # explicit: as asked
+    ({}, {"CPU": 2.0}, 1000, 2),                                      # auto: one actor per CPU
+    ({"rank.cpus_per_actor": 2}, {"CPU": 7.0}, 1000, 3),
+    ({}, {"CPU": 16.0}, 40, 2),                                       # no more than batches (32 each)
+    ({"rank.gpus_per_actor": 1}, {"CPU": 16.0, "GPU": 1.0}, 1000, 1),  # one per GPU
+    ({"rank.gpus_per_actor": 0.5}, {"CPU": 16.0, "GPU": 2.0}, 1000, 4),
+])
+def test_actor_pool_size_auto_fills_the_ray_instance(tmp_path, overrides, available, images, expected):
+    cfg = load_params(write_params(tmp_path, overrides)).rank
+    assert rank_module.actor_pool_size(cfg, available, images) == expected

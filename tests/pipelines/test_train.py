@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mlflow.tracking import MlflowClient
 
 from segshift.components.config import load_params
+from segshift.components.engine.precision import Hardware
 from segshift.pipelines.cli import main
 from tests.conftest import write_params
 
@@ -32,13 +34,19 @@ def run(project: Path, *args: str, overrides: dict | None = None) -> int:
 def test_source_stage_writes_model_metrics_reports_and_mlflow_runs(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     assert run(project, "--stage", "source") == 0
-    assert "target-test mIoU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "target-test mIoU" in out
+    native = Hardware.detect(torch.device("cpu")).native_bf16
+    chosen = "auto -> bf16" if native else "auto -> fp32"
+    assert out.count("source: precision ") == 1 and f"source: precision {chosen}: CPU" in out
     model = torch.load(project / "models" / "source" / "model.pt", weights_only=False)
     assert model["num_classes"] == 19 and model["model_config"]["width"] == 0.125
     assert model["selection"] == "val_miou" and model["step"] in (2, 4)
     metrics = json.loads((project / "metrics" / "source.json").read_text())
     assert 0.0 <= metrics["test"]["miou"] <= 1.0 and len(metrics["test"]["per_class_iou"]) == 19
     assert metrics["selected_step"] == model["step"] and "val_miou" in metrics["val"]
+    assert metrics["speed"]["amp"] == ("bf16" if native else "none")
+    assert metrics["speed"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     rows = json.loads((project / "metrics" / "source_per_class.json").read_text())
     assert [r["class"] for r in rows][:2] == ["road", "sidewalk"]
     for picture in ("confusion_matrix.png", "per_class_iou.png", "predictions.png"):
@@ -51,6 +59,9 @@ def test_source_stage_writes_model_metrics_reports_and_mlflow_runs(project, monk
     parent = client.get_run(stage.data.tags["mlflow.parentRunId"])
     assert stage.info.status == "FINISHED" and parent.info.status == "FINISHED"
     assert stage.data.params["source.iterations"] == "4"
+    assert stage.data.params["engine.amp"] == "auto"
+    assert stage.data.params["resolved.amp"] == metrics["speed"]["amp"]
+    assert stage.data.params["resolved.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert "test_miou" in stage.data.metrics
     history = client.get_metric_history(stage.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4]

@@ -11,8 +11,10 @@ from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.engine.checkpoint import load_checkpoint
 from segshift.components.engine.loop import EngineError, Runtime, Trainer, TrainingDiverged
 from segshift.components.engine.optim import poly_lr
+from segshift.components.engine.precision import Hardware, resolve_speed
 from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model
+from tests.components.engine.test_precision import AVX2_CPU, AVX512_BF16_CPU
 from tests.conftest import REPO
 
 COUNTS = {"source_train": 8, "source_val": 1, "target_train": 1, "target_val": 1, "target_test": 1}
@@ -32,12 +34,12 @@ def params(**overrides):
     return load_params(REPO / "params.yaml", {**base, **overrides})
 
 
-def make_trainer(p, tmp: Path, validate=None, on_log=None, fingerprint="f1", iterations=None):
+def make_trainer(p, tmp: Path, validate=None, on_log=None, fingerprint="f1", iterations=None, speed=None):
     torch.manual_seed(0)
     method = Supervised(build_model(p.model), p.source)
     return Trainer(method, p.engine, iterations or p.source.iterations, p.source.accumulation,
                    checkpoint_path=tmp / "last.pt", best_path=tmp / "best.pt", fingerprint=fingerprint,
-                   runtime=Runtime(), validate=validate, on_log=on_log, progress=False)
+                   runtime=Runtime(), validate=validate, on_log=on_log, progress=False, speed=speed)
 
 
 def batches(dataset, p):
@@ -120,6 +122,39 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, source_train):
     p = params(**{"engine.amp": "bf16", "source.iterations": 2})
     result = make_trainer(p, tmp_path).fit(batches(source_train, p))
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def spy_on_step(trainer) -> list[tuple[torch.dtype, bool]]:
+    """Record, per training step, the dtype of the logits and whether images came channels-last."""
+    seen, model, step = [], trainer.method.modules["model"], trainer.method.training_step
+
+    def spied(batch, i, backward):
+        images = batch["labelled"][0]
+        seen.append((model(images).main.dtype, images.is_contiguous(memory_format=torch.channels_last)))
+        return step(batch, i, backward)
+    trainer.method.training_step = spied
+    return seen
+
+
+@pytest.mark.parametrize("hardware, dtype, channels_last", [(AVX2_CPU, torch.float32, False),
+                                                            (AVX512_BF16_CPU, torch.bfloat16, True)])
+def test_a_step_under_auto_runs_in_the_precision_the_hardware_does_well(tmp_path, source_train, hardware, dtype,
+                                                                          channels_last):
+    p = params(**{"engine.amp": "auto", "engine.channels_last": "auto", "source.iterations": 1})
+    trainer = make_trainer(p, tmp_path, speed=resolve_speed("auto", "auto", hardware))
+    seen = spy_on_step(trainer)
+    trainer.fit(batches(source_train, p))
+    assert seen == [(dtype, channels_last)]
+
+
+def test_auto_on_this_machine_follows_its_detected_hardware(tmp_path, source_train):
+    p = params(**{"engine.amp": "auto", "engine.channels_last": False, "source.iterations": 1})
+    trainer = make_trainer(p, tmp_path)
+    seen = spy_on_step(trainer)
+    trainer.fit(batches(source_train, p))
+    native = Hardware.detect(torch.device("cpu")).native_bf16
+    assert trainer.speed.amp == ("bf16" if native else "none")
+    assert seen == [(torch.bfloat16 if native else torch.float32, False)]
 
 
 def test_fp16_needs_cuda(tmp_path):
