@@ -153,7 +153,7 @@ class EngineConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"]
     # auto: bf16 where the device computes it natively, fp16 on CUDA tensor cores, else fp32
     amp: Literal["auto", "none", "bf16", "fp16"]
-    channels_last: bool | Literal["auto"]   # auto: channels-last under AMP, NCHW in fp32
+    channels_last: bool | Literal["auto"]   # auto: channels-last on CUDA under AMP, else NCHW
     seed: int = Field(ge=0)
     log_every: int = Field(ge=1)
     val_every: int = Field(ge=1)

@@ -86,13 +86,13 @@ def method_steps(params: Params) -> dict:
     return {"rows": bench_methods_on(params, steps=5, device=torch.device("cuda"))}
 
 
-def main_job_params(params: Params, work: Path) -> Params:
-    """The project's params with every output in `work`, on the GPU, tracked in a scratch store."""
+def main_job_params(params: Params, work: Path, device: str = "cuda") -> Params:
+    """The project's params with every output in `work`, on `device`, tracked in a scratch store."""
     raw = params.model_dump(mode="json")
-    raw["engine"]["device"] = "cuda"
+    raw["engine"]["device"] = device
     raw["prepare"]["out_dir"] = str(work / "data" / "prepared")
     raw["prepare"]["workers"] = max(1, min(8, os.cpu_count() or 1))
-    raw["rank"]["gpus_per_actor"] = 1
+    raw["rank"]["gpus_per_actor"] = 1 if device == "cuda" else 0
     raw["tracking"]["uri"] = f"sqlite:///{work / 'mlflow.db'}"
     raw["paths"] = {name: str(work / name) for name in raw["paths"]}
     raw["rank"]["out_dir"] = str(work / "ranking")
@@ -100,11 +100,11 @@ def main_job_params(params: Params, work: Path) -> Params:
     return validate_params(raw, source="gpu-check main job")
 
 
-def main_job(params: Params, work: Path) -> dict:
+def main_job(params: Params, work: Path, device: str = "cuda") -> dict:
     """The whole main job on the GPU: per-stage wall time and, per trained stage, test mIoU."""
     from segshift.pipelines.prepare import prepare
     from segshift.pipelines.seeds import run_seed
-    job = main_job_params(params, work / "main-job")
+    job = main_job_params(params, work / "main-job", device)
     times: dict[str, float] = {}
     clock = [time.perf_counter()]
 

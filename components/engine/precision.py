@@ -124,19 +124,19 @@ def resolve_amp(requested: str, hardware: Hardware) -> tuple[Amp, str, str | Non
     return requested, f"{requested} (set in engine.amp): {where}", warning  # type: ignore[return-value]
 
 
-def resolve_channels_last(requested: bool | str, amp: Amp) -> bool:
-    """`auto`: channels-last under AMP (oneDNN's bf16 and CUDA's tensor-core convolutions are
-    NHWC kernels: -22 % step time for the default model in bf16 on an AVX-512 BF16 CPU), NCHW in
-    fp32 (on an AVX2 CPU channels-last was no faster for the default model and 5 % slower for
-    ADVENT's step; BENCHMARKS.md, "Precision by machine")."""
+def resolve_channels_last(requested: bool | str, hardware: Hardware, amp: Amp) -> bool:
+    """`auto`: channels-last on CUDA under AMP, where tensor-core convolutions are NHWC kernels;
+    NCHW on CPUs, where it was no faster in the stages of the main job (bf16 on AVX-512 BF16:
+    the 600-step `source` stage took as long either way; fp32 on AVX2: ADVENT's step 5 % slower;
+    BENCHMARKS.md, "Precision by machine")."""
     if requested != AUTO:
         return bool(requested)
-    return amp != "none"
+    return hardware.device_type == "cuda" and amp != "none"
 
 
 def resolve_speed(amp: str, channels_last: bool | str, hardware: Hardware) -> SpeedSettings:
     chosen, reason, warning = resolve_amp(amp, hardware)
-    layout = resolve_channels_last(channels_last, chosen)
+    layout = resolve_channels_last(channels_last, hardware, chosen)
     reason += f"; {'channels-last' if layout else 'NCHW'}"
     return SpeedSettings(amp=chosen, channels_last=layout, reason=reason, warning=warning, hardware=hardware)
 
