@@ -34,7 +34,7 @@ test-all: install
 bench: install
 	$(BIN)/segshift bench
 
-# Every GPU path on one CUDA GPU (about 10 min): cuda tests, a step of every method, the main job,
+# Every GPU path on one CUDA GPU (built to fit 10 min; not yet run on one): cuda tests, a step of every method, the main job,
 # R101 throughput and FLOP/s, profile -> reports/gpu-check/gpu_check.{json,md}. Skips without a GPU.
 gpu-check: install
 	$(BIN)/segshift gpu-check

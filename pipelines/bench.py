@@ -149,14 +149,14 @@ def bench_train(name: str, case: dict, amp: str, channels_last: bool, steps: int
             "batch": case["batch"], "amp": amp, "channels_last": channels_last, **result}
 
 
-def auto_choice(on_gpu: bool) -> tuple[str, bool]:
+def auto_choice(on_gpu: bool) -> dict[str, str | bool]:
     """What `engine.amp: auto` and `engine.channels_last: auto` pick on this machine."""
     import torch
 
     from segshift.components.engine.precision import Hardware, resolve_speed
     device = torch.device("cuda" if on_gpu else "cpu")
     speed = resolve_speed("auto", "auto", Hardware.detect(device))
-    return speed.amp, speed.channels_last
+    return {"amp": speed.amp, "channels_last": speed.channels_last}
 
 
 def train_cases(on_gpu: bool, native_bf16: bool) -> list[tuple[str, dict, str, bool]]:
@@ -225,12 +225,6 @@ def bench_stages(params_path: str) -> list[dict]:
             for stage, run in sorted(stages.items(), key=lambda kv: kv[1].info.start_time)]
 
 
-def synchronise(device) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 METHOD_CASES = ("supervised", "advent", "adaptsegnet", "minent", "dacs", "fda", "lse", "labor_selector")
 
 
@@ -273,6 +267,7 @@ def bench_methods_on(params, steps: int, device) -> list[dict]:
     import torch
 
     from segshift.components.engine.loop import speed_settings
+    from segshift.pipelines.profile import synchronise
     height, width = params.prepare.builtin.height, params.prepare.builtin.width
     speed = speed_settings(params.engine, device)
     rows = []
@@ -352,8 +347,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.cpu_isa != "native" and not isa_capped(args.cpu_isa):
         return _rerun_with_isa(args.argv, args.cpu_isa)
     machine = machine_description()
-    results = {"machine": machine, "auto": dict(zip(("amp", "channels_last"), auto_choice(torch.cuda.is_available()))),
-               "results": []}
+    results = {"machine": machine, "auto": auto_choice(torch.cuda.is_available()), "results": []}
     for workers in args.workers:
         if args.what in ("generate", "all"):
             results["results"].append(bench_generate(args.count, args.height, args.width, workers))

@@ -40,7 +40,8 @@ def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _synchronise(device: torch.device) -> None:
+def synchronise(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read times it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -52,10 +53,10 @@ def measure_latency_ms(model: nn.Module, inputs: torch.Tensor, warmup: int, repe
         for _ in range(warmup):
             model(inputs)
         for _ in range(repeats):
-            _synchronise(inputs.device)
+            synchronise(inputs.device)
             start = time.perf_counter()
             model(inputs)
-            _synchronise(inputs.device)
+            synchronise(inputs.device)
             times.append(1000.0 * (time.perf_counter() - start))
     return times
 

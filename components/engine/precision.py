@@ -2,8 +2,8 @@
 
 bf16 autocast is a gain only where the device computes in bf16 natively. On a CPU without
 AVX-512 BF16 or AMX (most laptops and many cloud CPUs: AVX2 only) every bf16 operation is
-emulated, and a training step of the default model took 25x longer than in fp32 (measured,
-BENCHMARKS.md). `engine.amp: auto` therefore uses bf16 only where it is native and fp32
+emulated, and a training step of the default model took 14x (here, ISA capped at AVX2) to 25x
+(a real AVX2 CPU) longer than in fp32 (BENCHMARKS.md). `engine.amp: auto` therefore uses bf16 only where it is native and fp32
 elsewhere; an explicit `bf16` still runs, with a warning saying what it costs.
 
 `resolve_speed` is a pure function of the requested settings and a `Hardware` description, so
@@ -23,7 +23,7 @@ AUTO = "auto"
 # oneDNN's ISA cap: with it set below AVX-512 (e.g. ONEDNN_MAX_CPU_ISA=AVX2) bf16 is emulated
 ONEDNN_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 # what emulated bf16 cost on an AVX2 CPU against fp32 (BENCHMARKS.md, "Precision by machine")
-EMULATED_BF16_SLOWDOWN = "10-25x"
+EMULATED_BF16_SLOWDOWN = "14-25x"
 ARM = ("aarch64", "arm64")
 
 
