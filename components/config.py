@@ -84,6 +84,7 @@ class PrepareConfig(_Strict):
     out_dir: str
     strict: bool  # true: any bad sample is an error; false: skip it and list it in skipped.csv
     workers: int = Field(ge=1, le=256)
+    max_image_pixels: int = Field(ge=1024, le=1_000_000_000)  # refuse larger images before decoding
     source: DomainConfig
     target: DomainConfig
     builtin: BuiltinConfig
