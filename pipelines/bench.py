@@ -49,13 +49,13 @@ def bench_generate(count: int, height: int, width: int, workers: int) -> dict:
 def bench_ingest(count: int, workers: int) -> dict:
     """GTA5 ingestion throughput on native-size (1914x1052) frames, resized to 1280x720."""
     from segshift.components.data.rawformats import write_gta5
-    from segshift.pipelines.ingest import ingest
+    from segshift.pipelines.ingest import DEFAULT_MAX_IMAGE_PIXELS, ingest
     work = Path(tempfile.mkdtemp(prefix="segshift-bench-ingest-"))
     try:
         write_gta5(work / "gta5", count, size=(1914, 1052), seed=0)
         start = time.perf_counter()
-        ingest("gta5", str(work / "gta5"), work / "out", resize=(1280, 720), strict=True,
-               workers=workers, progress=False)
+        ingest("gta5", str(work / "gta5"), work / "out", resize=(1280, 720),
+               max_pixels=DEFAULT_MAX_IMAGE_PIXELS, strict=True, workers=workers, progress=False)
         seconds = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -21,11 +21,8 @@ import copy
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import statistics
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +30,11 @@ from typing import Any
 
 import yaml
 
-from segshift.components.config import CompareEntry, ConfigError, Params, load_params, validate_params
+from segshift.components.config import (CompareEntry, ConfigError, Params, load_params, load_yaml_file,
+                                        validate_params)
 from segshift.components.data.labels import CLASS_NAMES
-from segshift.components.io import atomic_write_bytes, atomic_write_text, resolve_under, strict_json
+from segshift.components.io import (atomic_copy, atomic_write_bytes, atomic_write_text, resolve_under,
+                                   strict_json)
 from segshift.pipelines.seeds import mean_std, seed_params
 
 TRAINING_STAGES = ("source", "oracle", "inter", "intra")
@@ -294,15 +293,7 @@ def _score(metrics: dict) -> str:
 
 
 def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_copy(src, dst)      # the times kept, as copy2 did; the mode the umask's, as any new output
 
 
 def ensure_source(shared: SourceRun, project_dir: Path, progress: bool, label: str) -> tuple[dict, bool]:
@@ -345,7 +336,7 @@ def execute(run: Run, project_dir: Path, progress: bool) -> dict[str, dict]:
     used = run_dir / "params.yaml"
     record = run_record(run)
     result = metrics_path(run.params, project_dir, run.reported)
-    if result.is_file() and used.is_file() and same_run(yaml.safe_load(used.read_text()), record):
+    if result.is_file() and used.is_file() and same_run(load_yaml_file(used, "run record"), record):
         print(f"compare: {label}: done before ({run.run_dir}); skipped", flush=True)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,11 @@ from segshift.components.data.manifest import (
     write_skipped,
 )
 from segshift.components.data.storage import DatasetRoot, LocalRoot, open_root
-from segshift.components.io import atomic_directory
+from segshift.components.io import atomic_directory, check_output
 from segshift.components.parallel import parallel_map
 
 MIN_SIDE = 16
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000   # as params.yaml's prepare.max_image_pixels (a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,14 @@ class IngestReport:
                 f"in {self.seconds:.1f} s{skipped}")
 
 
-def ingest(kind: str, root: str, out_dir: str | Path, resize: Size | None, strict: bool = True,
-           workers: int = 1, endpoint_url: str | None = None, progress: bool = True) -> IngestReport:
+def ingest(kind: str, root: str, out_dir: str | Path, resize: Size | None, *, max_pixels: int,
+           strict: bool = True, workers: int = 1, endpoint_url: str | None = None,
+           progress: bool = True) -> IngestReport:
     """Convert the raw dataset `kind` at `root` (local path or s3://bucket/prefix) into `out_dir`.
 
     `resize` is (width, height) or None for the native size. With `strict` any bad sample is an
     IngestError naming the file; otherwise bad samples are skipped and listed in skipped.csv.
+    An image or label claiming more than `max_pixels` pixels is a bad sample, refused undecoded.
     """
     started = time.perf_counter()
     check_kind(kind)
@@ -73,14 +76,16 @@ def ingest(kind: str, root: str, out_dir: str | Path, resize: Size | None, stric
     dataset_root = open_root(root, endpoint_url=endpoint_url)
     out_path = Path(out_dir)
     _refuse_overwriting_root(dataset_root, out_path)
+    check_output(out_path)         # before discovery, which may list a whole bucket
 
     discovery = discover_samples(kind, dataset_root)
     if discovery.problems and strict:
         raise problems_error(kind, dataset_root, discovery.problems)
     skipped = [SkippedSample(dataset_root.describe(p.file), p.reason) for p in discovery.problems]
 
-    with atomic_directory(out_path) as tmp:
-        records, bad = _convert_all(discovery.samples, dataset_root, tmp, size, strict, workers, progress)
+    with atomic_directory(out_path, writer=f"segshift ingest {kind}") as tmp:
+        records, bad = _convert_all(discovery.samples, dataset_root, tmp, size, strict, workers, progress,
+                                    max_pixels)
         skipped += bad
         if not records:
             raise _nothing_prepared_error(kind, dataset_root, skipped)
@@ -114,8 +119,9 @@ def _refuse_overwriting_root(root: DatasetRoot, out_path: Path) -> None:
 
 
 def _convert_all(samples: list[RawSample], root: DatasetRoot, tmp: Path, size: Size | None, strict: bool,
-                 workers: int, progress: bool) -> tuple[list[SampleRecord], list[SkippedSample]]:
-    worker = functools.partial(convert_sample, root=root, out_dir=str(tmp), size=size, strict=strict)
+                 workers: int, progress: bool, max_pixels: int) -> tuple[list[SampleRecord], list[SkippedSample]]:
+    worker = functools.partial(convert_sample, root=root, out_dir=str(tmp), size=size, strict=strict,
+                               max_pixels=max_pixels)
     records: list[SampleRecord] = []
     skipped: list[SkippedSample] = []
     for result in parallel_map(worker, samples, workers=workers, desc="ingest", progress=progress):
@@ -151,6 +157,9 @@ def build_ingest_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                         help="worker processes (default: %(default)s)")
     parser.add_argument("--no-strict", dest="strict", action="store_false",
                         help="skip bad samples (listed in OUT/skipped.csv) instead of failing")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                        help="refuse any image or label larger than N pixels, before decoding it "
+                             "(default: %(default)s, params.yaml's prepare.max_image_pixels)")
     parser.add_argument("--endpoint-url", default=None,
                         help="S3 endpoint (default: boto3's, e.g. from AWS_ENDPOINT_URL)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -173,7 +182,7 @@ def resolve_size(kind: str, resize: list[int] | None, no_resize: bool) -> Size |
 def run_ingest_command(args: argparse.Namespace) -> int:
     """Run `segshift ingest`; IngestError/StorageError (ValueErrors) propagate to the CLI's handler."""
     report = ingest(args.kind, args.root, args.out, resize=resolve_size(args.kind, args.resize, args.no_resize),
-                    strict=args.strict, workers=args.workers, endpoint_url=args.endpoint_url,
-                    progress=not args.quiet)
+                    max_pixels=args.max_image_pixels, strict=args.strict, workers=args.workers,
+                    endpoint_url=args.endpoint_url, progress=not args.quiet)
     print(report.summary())
     return 0

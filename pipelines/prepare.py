@@ -15,7 +15,7 @@ from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.splits import cityscapes_roles, hold_out_val
 from segshift.components.io import atomic_directory, atomic_write_text
 from segshift.pipelines.ingest import ingest
-from segshift.pipelines.remote import mirror_path, push
+from segshift.pipelines.remote import INDEX_NAME, mirror_path, push
 
 SUMMARY_NAME = "summary.json"
 
@@ -31,8 +31,8 @@ class PrepareReport:
 def _prepare_real_domain(cfg: DomainConfig, role: str, out_dir: Path, params: Params,
                          progress: bool) -> None:
     p = params.prepare
-    ingest(cfg.kind, cfg.root, out_dir, resize=cfg.resize, strict=p.strict, workers=p.workers,
-           endpoint_url=params.storage.s3_endpoint_url, progress=progress)
+    ingest(cfg.kind, cfg.root, out_dir, resize=cfg.resize, max_pixels=p.max_image_pixels, strict=p.strict,
+           workers=p.workers, endpoint_url=params.storage.s3_endpoint_url, progress=progress)
     table = read_manifest(out_dir)
     if cfg.kind == "cityscapes" and role == "target":
         table = cityscapes_roles(table, cfg.val_fraction, p.builtin.seed)
@@ -57,7 +57,8 @@ def prepare(params: Params, progress: bool = True, project_dir: str | Path = "."
     start = time.perf_counter()
     p = params.prepare
     report = PrepareReport(out_dir=p.out_dir)
-    with atomic_directory(mirror_path(params, project_dir, p.out_dir)) as tmp:
+    with atomic_directory(mirror_path(params, project_dir, p.out_dir), writer="segshift prepare",
+                          companions=(INDEX_NAME,)) as tmp:    # push() adds the index to an S3 mirror
         for role in ("source", "target"):
             cfg: DomainConfig = getattr(p, role)
             if cfg.kind == "builtin":

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from segshift.components.config import ConfigError, Params, validate_params
+from segshift.components.config import ConfigError, Params, load_yaml_file, parse_yaml, validate_params
 from segshift.components.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise PresetError(f"override '{text}': expected KEY=VALUE with a dotted key, "
                           "e.g. prepare.source.root=/data/gta5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw, f"override '{text}'", PresetError) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise PresetError(f"override '{text}': value is not valid YAML ({exc})") from None
     return key, value
@@ -185,7 +185,7 @@ def resolve_preset(preset: str, cwd: Path | None = None) -> Path:
 
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml_file(path, what, PresetError)
     except FileNotFoundError:
         raise PresetError(f"{path}: {what} not found") from None
     except yaml.YAMLError as exc:

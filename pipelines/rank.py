@@ -34,7 +34,7 @@ from segshift.components.data.dataset import read_rgb, to_tensor
 from segshift.components.data.labels import CLASS_NAMES, NUM_CLASSES
 from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.synthetic import CONDITIONS, HARD_CONDITIONS
-from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text,
+from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text, check_output,
                                    finite_or_none, resolve_under, strict_json, write_png)
 from segshift.components.losses import normalised_entropy
 from segshift.components.pseudo_labels import LEVELS
@@ -349,11 +349,12 @@ def rank_stage(params: Params, project_dir: str | Path, progress: bool = True) -
     """Run the ranking; returns the metrics written to `<paths.metrics>/rank.json`."""
     from segshift.pipelines.tracking import StageTracker
     inputs = check_inputs(params, project_dir)
+    check_output(inputs.out_dir)       # before the MLflow run and the inference
     cfg = params.rank
     manifest_sha, model_sha = file_sha256(inputs.manifest), file_sha256(inputs.model)
     start = time.perf_counter()
     with StageTracker(params, stage=STAGE, project_dir=inputs.project_dir) as tracker:
-        with atomic_directory(inputs.out_dir) as staging:
+        with atomic_directory(inputs.out_dir, writer="segshift rank") as staging:
             records = run_inference(params, inputs, staging, progress)
             table, levels, ignored = publish_ranking(records, params, manifest_sha, model_sha,
                                                      raw_dir=staging, out_dir=staging)

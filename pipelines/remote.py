@@ -20,6 +20,7 @@ from typing import Any
 from segshift.components.config import Params
 from segshift.components.data.storage import S3_SCHEME, S3Root, StorageError, open_root
 from segshift.components.io import atomic_write_bytes, atomic_write_text, resolve_under
+from segshift.components.paths import confined
 
 INDEX_NAME = ".s3-index.json"   # key -> ETag of what the mirror holds, per mirrored prefix
 TRANSFER_THREADS = 8            # S3 latency, not bandwidth, bounds small-object transfers
@@ -37,8 +38,9 @@ def mirror_path(params: Params, project_dir: str | Path, location: str) -> Path:
     """Where `location` lives on this machine: itself when local, its mirror when on S3."""
     if not is_s3(location):
         return resolve_under(project_dir, location)
-    bucket, _, prefix = location[len(S3_SCHEME):].partition("/")
-    return resolve_under(project_dir, params.storage.cache_dir) / "s3" / bucket / prefix.strip("/")
+    bucket_and_prefix = location[len(S3_SCHEME):].strip("/")
+    return confined(resolve_under(project_dir, params.storage.cache_dir) / "s3", bucket_and_prefix,
+                    f"S3 location {location}:")
 
 
 def _root(params: Params, location: str) -> S3Root:
@@ -69,11 +71,15 @@ def pull(params: Params, project_dir: str | Path, location: str, under: str = ""
     if not remote and required:
         raise StorageError(f"{root.describe(under)}: no objects there (expected a prepared dataset; "
                            "run `segshift prepare` with prepare.out_dir set to it)")
+    # Every key is checked before anything is written: a bucket holding one key that would land
+    # outside the mirror is refused whole.
+    targets = {rel: confined(local, rel, f"S3 object {root.describe(rel)}: key below the prefix")
+               for rel in remote}
     index = _read_index(local)
-    stale = [rel for rel, etag in remote.items() if index.get(rel) != etag or not (local / rel).is_file()]
+    stale = [rel for rel, etag in remote.items() if index.get(rel) != etag or not targets[rel].is_file()]
 
     def fetch(rel: str) -> None:
-        atomic_write_bytes(local / rel, root.read_bytes(rel))
+        atomic_write_bytes(targets[rel], root.read_bytes(rel))
 
     _run_all(fetch, stale)
     if stale:

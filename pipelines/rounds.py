@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segshift.components.data.dataset import PreparedSplit, read_label
-from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.data.image_checks import ImageCheckError, header_size, require_png
+from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES, invalid_train_ids
 from segshift.components.engine.checkpoint import load_checkpoint
 from segshift.components.engine.loop import Selection, resolve_device
 from segshift.components.io import atomic_write_text, write_png
@@ -327,6 +328,10 @@ class AnnotationsPending(StageInputError):
     """The file annotator asked a person for labels that are not there yet."""
 
 
+class AnswerError(StageInputError):
+    """A person's label file that is not a PNG of the request's size holding train ids."""
+
+
 class FileAnnotator:
     """A person labels the asked pixels: requests are written as masks (255 = label this pixel)
     to `<dir>/<stage>/requests/<id>.png`; the answers are read from `<dir>/<stage>/labels/<id>.png`
@@ -353,12 +358,34 @@ class FileAnnotator:
                 write_png(request, np.asarray(mask, np.uint8) * 255)
             if not self.answer_path(sample_id).is_file():
                 missing.append(sample_id)
+        if not missing:
+            for sample_id, mask in zip(sample_ids, masks):
+                self.check_answer(sample_id, np.asarray(mask).shape)
         if missing:
             raise AnnotationsPending(
                 f"LabOR {self.stage}: {len(missing)} images wait for labels (first: {missing[0]}); "
                 f"label the white pixels of {self.directory / self.stage / 'requests'}/<id>.png into "
                 f"{self.directory / self.stage / 'labels'}/<id>.png (train ids, 255 elsewhere) and run the stage again")
         return self.books.reveal(sample_ids, masks)
+
+    def check_answer(self, sample_id: str, shape: tuple[int, int]) -> None:
+        """A person's label file is checked as an ingested one is: a PNG of the request's size
+        holding train ids, read before it may reach the loss."""
+        path = self.answer_path(sample_id)
+        data = path.read_bytes()
+        try:
+            require_png(data, str(path))
+        except ImageCheckError as error:
+            raise AnswerError(f"{error}; save the answer as a PNG of train ids") from None
+        size = header_size(data)
+        if size != (shape[1], shape[0]):
+            got = f"{size[0]}x{size[1]}" if size else "of unreadable size"
+            raise AnswerError(f"{path}: the label is {got}, its request {shape[1]}x{shape[0]} "
+                              "(width x height); label the request's image at its own size")
+        bad = invalid_train_ids(read_label(path))
+        if bad:
+            raise AnswerError(f"{path}: train id(s) {bad[:10]} are neither a class (0..{NUM_CLASSES - 1}) "
+                              f"nor ignore ({IGNORE_INDEX})")
 
     @property
     def ledger(self) -> list[dict]:

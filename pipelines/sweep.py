@@ -150,7 +150,7 @@ def ranking_cache(params: Params, inputs, directory: Path, progress: bool) -> tu
     meta = cache / CACHE_META
     if meta.is_file() and json.loads(meta.read_text()) == identity and (cache / RECORDS_NAME).is_file():
         return manifest_sha, model_sha
-    with atomic_directory(cache) as staging:
+    with atomic_directory(cache, writer="segshift sweep (ranking cache)") as staging:
         records = run_inference(params, inputs, staging, progress)
         write_records(records, staging / RECORDS_NAME)
         atomic_write_text(staging / CACHE_META, json.dumps(identity))
@@ -182,7 +182,7 @@ def materialise_trial_ranking(ctx: SweepContext, params: Params, records: list[d
     """The trial's ranking directory from the cached inference: its split and pseudo-labels."""
     from segshift.pipelines.rank import publish_ranking
     out = resolve_under(ctx.project_dir, params.rank.out_dir)
-    with atomic_directory(out) as staging:
+    with atomic_directory(out, writer="segshift sweep (trial ranking)") as staging:
         publish_ranking(records, params, ctx.manifest_sha, ctx.model_sha,
                         raw_dir=Path(ctx.sweep_dir) / CACHE_DIR, out_dir=staging)
 

@@ -14,6 +14,10 @@ run id to its trials, see `StageTracker.child_env`); such a parent belongs to wh
 status is left alone.
 
 Only rank 0 logs: with `enabled=False` no run is created and every method is a no-op.
+
+Secrets never leave the machine: whatever this module sends to MLflow (params, tags, run names,
+the config copy, dict/text/file artifacts, the error tag) or writes to its log goes through
+`mask_text` / `mask_secrets`, which mask by key name and by value (see `mask_text`).
 """
 from __future__ import annotations
 
@@ -27,10 +31,12 @@ import signal
 import subprocess
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import mlflow
 import yaml
@@ -67,11 +73,37 @@ TAG_DVC_STAGE_HASH = "dvc.stage_hash"
 TAG_PARENT = "mlflow.parentRunId"
 
 MASK = "***"
-# A key path containing any of these names a credential; its value is never logged.
-_SECRET_KEY = re.compile(r"secret|passw|token|access_?key|credential|api_?key|private_?key|auth",
-                         re.IGNORECASE)
-# user:password@ inside a URL (e.g. a tracking or S3 endpoint) is a credential too.
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# A key path containing any of these names a credential; its value is never logged. ("auth" but
+# not "author": an author's name is no secret, and GIT_AUTHOR_NAME is no credential variable.)
+_SECRET_KEY = re.compile(r"secret|passw|token|access_?key|credential|api_?key|private_?key"
+                         r"|auth(?!or)", re.IGNORECASE)
+
+# Masking by key name misses a credential pasted into an innocent-looking value, so every text
+# sent to MLflow or to the log is also masked by what it looks like (see `mask_text`).
+
+# Characters that end a URL inside prose, YAML, JSON or HTML.
+_URL_END = r"\s\"'<>"
+# user:password@ in a URL: from :// to the LAST @ before the host, because the password may
+# itself hold "@" or "/" (an AWS secret key pasted into an S3 endpoint URL does). It never
+# reaches into the next URL of the same text. A path holding "@" after a ":port/" is masked too:
+# hiding a path is cheaper than guessing wrong about a password.
+_URL_USERINFO = re.compile(rf"(?<=://)(?:(?!://)[^{_URL_END}])*?@"
+                           rf"(?=[^{_URL_END}/?#@]*(?:[{_URL_END}/?#]|$))")
+# name=value in a query string or fragment (presigned S3/GCS/Azure URLs, OAuth redirects).
+_QUERY_PARAM = re.compile(rf"(?<=[?&;#])(?P<name>[^=&#;?{_URL_END}]+)=(?P<value>[^&#{_URL_END}]*)")
+# Query names that carry a signature or a credential beyond `_SECRET_KEY`'s: X-Amz-Signature,
+# sig (Azure SAS), Key-Pair-Id, session ids, OAuth codes. X-Amz-SignedHeaders only lists names.
+_SECRET_QUERY_NAME = re.compile(r"sig(?!nedheaders)|key|session|code|jwt|bearer", re.IGNORECASE)
+# An AWS access key id (long-term AKIA, temporary ASIA).
+_AWS_KEY_ID = re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])")
+# An AWS secret access key: exactly 40 characters of base64 ([A-Za-z0-9/+]) standing alone.
+# `_looks_random` then spares the 40-hex git SHAs and plain words this shape also fits.
+_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])")
+# Credential variables shorter than this are not looked for in values: "testing" or "minio"
+# would mask every occurrence of a common word.
+MIN_ENV_SECRET_LENGTH = 8
+# Variables whose names look secret but hold a path to one (SSH_AUTH_SOCK, *_CREDENTIALS_FILE).
+_ENV_NOT_SECRET = re.compile(r"_(?:FILE|PATH|DIR|SOCK)$", re.IGNORECASE)
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-./ :]")
 
 
@@ -127,7 +159,8 @@ def ensure_experiment(client: MlflowClient, name: str, uri: str) -> str:
                 raise
     if experiment.lifecycle_stage == "deleted":
         raise MlflowException(
-            f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted in {uri}; "
+            f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted in "
+            f"{mask_text(uri)}; "
             f"restore it (`mlflow experiments restore --experiment-id {experiment.experiment_id}`) "
             "or set another tracking.experiment")
     return experiment.experiment_id
@@ -147,22 +180,84 @@ def is_secret_key(key_path: str) -> bool:
 
 
 def mask_text(text: str) -> str:
-    """`text` with credentials embedded in URLs replaced by the mask."""
-    return _URL_USERINFO.sub(f"{MASK}@", text)
+    """`text` with every credential it holds replaced by the mask, whatever key it came under:
+    the values of credential environment variables (as they are now), URL user-info, secret
+    query parameters, AWS access key ids and secret access keys."""
+    for secret in _env_secrets():
+        text = text.replace(secret, MASK)
+    text = _URL_USERINFO.sub(f"{MASK}@", text)
+    text = _QUERY_PARAM.sub(_mask_query_param, text)
+    text = _AWS_KEY_ID.sub(MASK, text)
+    return _AWS_SECRET.sub(_mask_aws_secret, text)
+
+
+def _env_secrets() -> list[str]:
+    """Values of the credential variables set now, also URL-encoded, longest first (so that a
+    secret holding another is masked whole)."""
+    secrets: set[str] = set()
+    for name, value in os.environ.items():
+        if (len(value) >= MIN_ENV_SECRET_LENGTH and is_secret_key(name)
+                and not _ENV_NOT_SECRET.search(name)):
+            secrets.update((value, quote(value, safe=""), quote_plus(value)))
+    return sorted(secrets, key=len, reverse=True)
+
+
+def _mask_query_param(match: re.Match) -> str:
+    name = match["name"]
+    if _SECRET_KEY.search(name) or _SECRET_QUERY_NAME.search(name):
+        return f"{name}={MASK}"
+    return match[0]
+
+
+def _mask_aws_secret(match: re.Match) -> str:
+    return MASK if _looks_random(match[0]) else match[0]
+
+
+def _looks_random(word: str) -> bool:
+    """Mixed case plus a digit, / or +: true of all but ~1e-3 of real secret keys, false for hex
+    digests (git SHAs), lower-case paths and plain words."""
+    return (any(c.islower() for c in word) and any(c.isupper() for c in word)
+            and any(c.isdigit() or c in "/+" for c in word))
 
 
 def mask_secrets(tree: Any, path: str = "") -> Any:
-    """A copy of `tree` in which secret-named keys and URL credentials are masked."""
+    """A copy of `tree` in which secret-named keys are masked and every string (keys included)
+    goes through `mask_text`."""
     if isinstance(tree, Mapping):
-        return {key: mask_secrets(value, f"{path}.{key}" if path else str(key))
+        return {mask_text(key) if isinstance(key, str) else key:
+                mask_secrets(value, f"{path}.{key}" if path else str(key))
                 for key, value in tree.items()}
     if path and is_secret_key(path) and tree is not None:
         return MASK
     if isinstance(tree, list):
         return [mask_secrets(item, path) for item in tree]
+    if isinstance(tree, tuple):
+        return tuple(mask_secrets(item, path) for item in tree)
     if isinstance(tree, str):
         return mask_text(tree)
     return tree
+
+
+class _MaskingFilter(logging.Filter):
+    """Masks what this module logs: an exception message may quote a URL or a config value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            record.msg, record.args = mask_text(record.getMessage()), None
+        except Exception:  # a malformed call: logging reports it, and the message is not printed
+            return True
+        if record.exc_info:
+            # Formatted here, masked, and kept as exc_text: a handler would format it unmasked.
+            record.exc_text = mask_text("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_text, record.exc_info = record.exc_text.rstrip("\n"), None
+        elif record.exc_text:
+            record.exc_text = mask_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask_text(record.stack_info)
+        return True
+
+
+log.addFilter(_MaskingFilter())
 
 
 def _param_value(value: Any) -> str:
@@ -200,6 +295,60 @@ def pipeline_key(commit: str | None, tree: Mapping[str, Any]) -> str:
     """Identifies one pipeline configuration: same commit and same resolved params, same key."""
     blob = json.dumps({"commit": commit, "params": tree}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def dict_text(obj: Any, name: str) -> str:
+    """`obj` serialised as `MlflowClient.log_dict` would: YAML for .yaml/.yml, else JSON. Done here
+    so that the text itself can be masked (a value `default=str` turns into text is no string
+    in `obj`)."""
+    if Path(name).suffix in (".yml", ".yaml"):
+        return yaml.dump(obj, indent=2, default_flow_style=False)
+    return json.dumps(obj, indent=2, default=str)
+
+
+# Files larger than this are uploaded as they are: reading a multi-gigabyte table into memory to
+# mask it would be worse than the (unlikely) secret inside.
+MAX_MASKED_FILE_BYTES = 64 * 1024 * 1024
+_BINARY_SNIFF_BYTES = 8192
+
+
+def _masked_file_text(path: Path) -> str | None:
+    """The masked content of text file `path` when masking changes it; None for a binary file
+    (a NUL byte near the start, or not UTF-8), a huge one, or one with nothing to mask."""
+    try:
+        if path.stat().st_size > MAX_MASKED_FILE_BYTES:
+            return None
+        with open(path, "rb") as stream:
+            if b"\0" in stream.read(_BINARY_SNIFF_BYTES):
+                return None  # images, checkpoints: not read further
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    masked = mask_text(text)
+    return None if masked == text else masked
+
+
+def masked_artifact(path: Path, scratch: Path) -> Path:
+    """What to upload for `path`: `path` itself when it holds nothing to mask, else a copy under
+    `scratch` (same name; a directory copied whole) with its text files masked."""
+    if not path.is_dir():
+        masked = _masked_file_text(path)
+        if masked is None:
+            return path
+        copy = scratch / path.name
+        copy.write_bytes(masked.encode("utf-8"))
+        return copy
+    # Links followed, as the copy below and MLflow's upload follow them.
+    files = [Path(root) / name for root, _, names in os.walk(path, followlinks=True)
+             for name in names]
+    changed = {file: text for file in files if (text := _masked_file_text(file)) is not None}
+    if not changed:
+        return path
+    copy = scratch / "dir"  # only the contents are uploaded: the name is free
+    shutil.copytree(path, copy)  # links become plain copies: writing below never reaches `path`
+    for file, text in changed.items():
+        (copy / file.relative_to(path)).write_bytes(text.encode("utf-8"))
+    return copy
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -267,21 +416,44 @@ def dvc_stage_hash(project_dir: str | Path, stage_name: str) -> str | None:
 
 # --------------------------------------------------------------------------- runs
 
+def _masked_pairs(pairs: Mapping[str, Any]) -> dict[str, str]:
+    """Params or tags as MLflow stores them, masked by key name and by value. Callers outside
+    this module (sweeps) log through here too, so nothing reaches MLflow unmasked."""
+    masked: dict[str, str] = {}
+    for key, value in pairs.items():
+        text = str(value)
+        if is_secret_key(key) and text not in ("null", "None", MASK):
+            text = MASK
+        masked[_safe_key(mask_text(str(key)))] = mask_text(text)
+    return masked
+
+
 def log_flat_params(client: MlflowClient, run_id: str, flat: Mapping[str, str]) -> None:
-    params = [Param(key, value) for key, value in flat.items()]
+    params = [Param(key, value) for key, value in _masked_pairs(flat).items()]
     for batch in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, params=batch)
 
 
 def set_run_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
-    run_tags = [RunTag(key, str(value)) for key, value in tags.items()]
+    run_tags = [RunTag(key, value) for key, value in _masked_pairs(tags).items()]
     for batch in _chunks(run_tags, MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=batch)
 
 
+def create_masked_run(client: MlflowClient, experiment_id: str, name: str,
+                      tags: Mapping[str, Any]) -> str:
+    """`client.create_run` with the run name and tags masked; the new run's id."""
+    return client.create_run(experiment_id, run_name=mask_text(name),
+                             tags=_masked_pairs(tags)).info.run_id
+
+
+def log_masked_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, mask_text(text), artifact_file)
+
+
 def _log_config(client: MlflowClient, run_id: str, tree: Mapping[str, Any]) -> None:
     log_flat_params(client, run_id, flatten_params(tree))
-    client.log_text(run_id, yaml.safe_dump(mask_secrets(dict(tree)), sort_keys=False),
+    log_masked_text(client, run_id, yaml.safe_dump(mask_secrets(dict(tree)), sort_keys=False),
                     CONFIG_ARTIFACT)
 
 
@@ -300,7 +472,7 @@ def find_or_create_parent(client: MlflowClient, experiment_id: str, key: str,
     name = f"pipeline {(commit or 'nogit')[:8]} {key[:8]}"
     tags = {TAG_PIPELINE_KEY: key, TAG_ROLE: "pipeline", TAG_STAGE: "pipeline",
             TAG_GIT_COMMIT: commit or "none"}
-    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    run_id = create_masked_run(client, experiment_id, name, tags)
     # Stages started at the same moment may each create one: all keep the oldest, extras go.
     winner = _runs_with_key(client, experiment_id, key)[0].info.run_id
     if winner != run_id:
@@ -383,8 +555,7 @@ class StageTracker:
         self.parent_run_id = self._parent(client, key, commit, tree)
         tags = {TAG_PARENT: self.parent_run_id, TAG_ROLE: "stage", TAG_STAGE: self.stage,
                 TAG_PIPELINE_KEY: key, **self._provenance_tags(commit), **self.extra_tags}
-        self.run_id = client.create_run(self.experiment_id, run_name=self.stage,
-                                        tags={k: str(v) for k, v in tags.items()}).info.run_id
+        self.run_id = create_masked_run(client, self.experiment_id, self.stage, tags)
         if self._owns_parent:
             client.update_run(self.parent_run_id, status="RUNNING")
         _log_config(client, self.run_id, tree)
@@ -430,6 +601,7 @@ class StageTracker:
         try:
             if self.run_id is not None:
                 if exc is not None and status != "FINISHED":
+                    # Masked before the cut, so that no secret is cut past recognition.
                     self.set_tags({TAG_ERROR: mask_text(f"{type(exc).__name__}: {exc}")[:5000]})
                 self._end_child(status)
             if self._owns_parent and self.parent_run_id is not None:
@@ -503,13 +675,16 @@ class StageTracker:
             set_run_tags(self._client, self.run_id, tags)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """A file, or a directory's contents, under `artifact_path` in the run."""
+        """A file, or a directory's contents, under `artifact_path` in the run; text files are
+        uploaded masked (the files on disk stay as they are)."""
         if not self.active:
             return
-        if Path(path).is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            source = masked_artifact(Path(path), Path(tmp))
+            if source.is_dir():
+                self._client.log_artifacts(self.run_id, str(source), artifact_path)
+            else:
+                self._client.log_artifact(self.run_id, str(source), artifact_path)
 
     def log_figure(self, figure: Any, name: str) -> None:
         """A matplotlib/plotly figure, or an image file, stored as artifact `name` (e.g.
@@ -525,18 +700,22 @@ class StageTracker:
         target = Path(name)
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / target.name
-            shutil.copyfile(source, copy)
+            masked = _masked_file_text(source)
+            if masked is None:
+                shutil.copyfile(source, copy)
+            else:
+                copy.write_bytes(masked.encode("utf-8"))
             parent = str(target.parent) if str(target.parent) != "." else None
             self._client.log_artifact(self.run_id, str(copy), parent)
 
     def log_dict(self, obj: Any, name: str) -> None:
-        """`obj` as JSON or YAML (by the extension of `name`)."""
+        """`obj` as JSON or YAML (by the extension of `name`), masked."""
         if self.active:
-            self._client.log_dict(self.run_id, obj, name)
+            log_masked_text(self._client, self.run_id, dict_text(mask_secrets(obj), name), name)
 
     def log_text(self, text: str, name: str) -> None:
         if self.active:
-            self._client.log_text(self.run_id, text, name)
+            log_masked_text(self._client, self.run_id, text, name)
 
     def child_env(self) -> dict[str, str]:
         """Environment that nests runs of other processes (Ray workers, trials) under this run."""

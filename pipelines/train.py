@@ -36,6 +36,7 @@ from segshift.components.engine.loop import Runtime, Trainer, resolve_device, sp
 from segshift.components.engine.precision import SpeedSettings
 from segshift.components.evaluation import evaluate, validation_metrics
 from segshift.components.io import atomic_write_text, resolve_under
+from segshift.components.paths import confined
 from segshift.components.methods.advent import OutputSpaceAdaptation
 from segshift.components.methods.dacs import DACS
 from segshift.components.methods.fda import FDA
@@ -180,8 +181,9 @@ def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSpli
 
 
 def label_file(labels_dir: Path, sample_id: str) -> Path:
-    """A round's label map of one image (sample ids may contain '/': city sub-directories)."""
-    return labels_dir / f"{sample_id}.png"
+    """A round's label map of one image (sample ids may contain '/': city sub-directories, but
+    never lead out of `labels_dir`)."""
+    return confined(labels_dir, f"{sample_id}.png", "sample id")
 
 
 def round_datasets(spec: Round, prepared: Path, stage_dir: Path, aug: dict) -> dict[str, PreparedSplit]:

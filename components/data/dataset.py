@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from segshift.components.data.image_checks import ImageCheckError, require_png
 from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.data.manifest import ManifestError, read_manifest
 
@@ -24,7 +25,14 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def read_label(path: Path) -> np.ndarray:
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    try:
+        data = Path(path).read_bytes()
+        require_png(data, str(path))
+    except OSError as error:
+        raise ManifestError(f"{path}: cannot read label ({error.strerror or error})") from None
+    except ImageCheckError as error:
+        raise ManifestError(str(error)) from None
+    label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if label is None or label.ndim != 2 or label.dtype != np.uint8:
         raise ManifestError(f"{path}: expected a single-channel uint8 train-id PNG")
     return label

@@ -30,9 +30,11 @@ from segshift.components.data.labels import (
     invalid_train_ids,
     lookup_table,
 )
+from segshift.components.data.image_checks import ImageCheckError, check_pixels, require_png
 from segshift.components.data.manifest import SampleRecord, SkippedSample
 from segshift.components.data.storage import DatasetRoot
 from segshift.components.io import encode_png
+from segshift.components.paths import UnsafePathError, checked_id
 
 DatasetKind = Literal["gta5", "cityscapes", "synthia"]
 LabelEncoding = Literal["cityscapes_ids", "cityscapes_train_ids", "synthia_ids"]
@@ -192,7 +194,7 @@ def problems_error(kind: str, root: DatasetRoot, problems: list[Problem]) -> Ing
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """An encoded image as an (H, W, 3) uint8 RGB array."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    bgr = _imdecode(data, cv2.IMREAD_COLOR, name)
     if bgr is None:
         raise IngestError(f"{name}: cannot decode image ({_empty_or_corrupt(data)})")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -220,7 +222,7 @@ def _decode_indexed_png(data: bytes, name: str) -> np.ndarray:
 
 def _decode_synthia_ids(data: bytes, name: str) -> np.ndarray:
     # PIL cannot read SYNTHIA's 16-bit multi-channel PNGs; OpenCV returns them in BGR order.
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    decoded = _imdecode(data, cv2.IMREAD_UNCHANGED, name)
     if decoded is None:
         raise IngestError(f"{name}: cannot decode label ({_empty_or_corrupt(data)})")
     if decoded.ndim == 2:
@@ -229,6 +231,16 @@ def _decode_synthia_ids(data: bytes, name: str) -> np.ndarray:
         return decoded[:, :, 2]
     raise IngestError(f"{name}: SYNTHIA label must have the class id in its R channel; "
                       f"got shape {decoded.shape}")
+
+
+def _imdecode(data: bytes, flags: int, name: str) -> np.ndarray | None:
+    if not data:
+        return None
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as error:   # OpenCV raises for sizes beyond its own limits, among others
+        message = str(error).strip().splitlines()[-1][:200]
+        raise IngestError(f"{name}: cannot decode ({message})") from None
 
 
 def _empty_or_corrupt(data: bytes) -> str:
@@ -301,17 +313,34 @@ class ConvertedSample:
     label: np.ndarray | None   # (H, W) uint8 train ids; None when unlabelled
 
 
-def load_sample(sample: RawSample, root: DatasetRoot, size: Size | None) -> ConvertedSample:
-    """Read and decode one raw sample into train ids at `size`; raises IngestError naming the file."""
+def load_sample(sample: RawSample, root: DatasetRoot, size: Size | None, max_pixels: int) -> ConvertedSample:
+    """Read and decode one raw sample into train ids at `size`; raises IngestError naming the file.
+
+    Images larger than `max_pixels` and labels that are not PNG are refused before decoding."""
     image_name = root.describe(sample.image)
-    image = decode_image(root.read_bytes(sample.image), image_name)
+    try:
+        checked_id(sample.sample_id, "sample id")   # it becomes the prepared file's name
+    except UnsafePathError as error:
+        raise IngestError(f"{image_name}: {error}") from None
+    image = decode_image(_checked(root.read_bytes(sample.image), image_name, max_pixels), image_name)
     if sample.label is None or sample.label_encoding is None:
         return ConvertedSample(resize_image(image, size), None)
     label_name = root.describe(sample.label)
-    ids = decode_label_ids(root.read_bytes(sample.label), sample.label_encoding, label_name)
+    label_data = _checked(root.read_bytes(sample.label), label_name, max_pixels, label=True)
+    ids = decode_label_ids(label_data, sample.label_encoding, label_name)
     check_same_size(image, ids, image_name, label_name)
     train_ids = label_to_train_ids(ids, sample.label_encoding, label_name)
     return ConvertedSample(resize_image(image, size), resize_label(train_ids, size))
+
+
+def _checked(data: bytes, name: str, max_pixels: int, label: bool = False) -> bytes:
+    try:
+        check_pixels(data, name, max_pixels)
+        if label:
+            require_png(data, name)
+    except ImageCheckError as error:
+        raise IngestError(str(error)) from None
+    return data
 
 
 def prepared_paths(sample: RawSample) -> tuple[str, str | None]:
@@ -339,14 +368,14 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def convert_sample(sample: RawSample, *, root: DatasetRoot, out_dir: str, size: Size | None,
-                   strict: bool) -> SampleRecord | SkippedSample:
+                   strict: bool, max_pixels: int) -> SampleRecord | SkippedSample:
     """Convert one sample into `out_dir` (a worker function: module level, picklable arguments).
 
     A bad sample raises IngestError when `strict`, else it is returned as a SkippedSample.
     Storage failures always raise: they are not a property of the sample.
     """
     try:
-        converted = load_sample(sample, root, size)
+        converted = load_sample(sample, root, size, max_pixels)
     except IngestError as error:
         if strict:
             raise

@@ -8,6 +8,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from segshift.components.paths import UnsafePathError, relative_parts
+
 MANIFEST_NAME = "manifest.parquet"
 SKIPPED_NAME = "skipped.csv"
 
@@ -74,4 +76,17 @@ def read_manifest(prepared_dir: str | Path) -> pa.Table:
     missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; expected {MANIFEST_SCHEMA.names}")
+    _check_paths_stay_inside(table, path)
     return table
+
+
+def _check_paths_stay_inside(table: pa.Table, path: Path) -> None:
+    """A manifest from a remote or a colleague names files to read: each must lie below its folder."""
+    for column in ("sample_id", "image", "label"):
+        for value in table.column(column).to_pylist():
+            if value is None:
+                continue
+            try:
+                relative_parts(value, f"{column}")
+            except UnsafePathError as error:
+                raise ManifestError(f"{path}: {error}") from None

@@ -5,6 +5,7 @@ boto3 client lazily in each process (clients cannot be pickled) and drops it whe
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,11 +48,33 @@ class LocalRoot:
         if not base.is_dir():
             raise StorageError(f"{self.path}: dataset root does not exist or is not a directory")
         found: list[str] = []
-        # Datasets are often assembled from symlinked download folders.
-        for directory, _subdirs, names in os.walk(base, followlinks=True):
-            rel_dir = Path(directory).relative_to(base)
+        visited: dict[tuple[int, int], Path] = {}
+        # Datasets are often assembled from symlinked download folders, so links are followed;
+        # a link back to a folder already listed would make the walk endless, so it is an error.
+        for directory, subdirs, names in os.walk(base, followlinks=True, onerror=self._walk_error):
+            here = Path(directory)
+            self._check_not_visited(here, visited)
+            for name in names:
+                self._check_resolves(here / name)
+            rel_dir = here.relative_to(base)
             found.extend((rel_dir / name).as_posix() for name in names)
         return sorted(found)
+
+    def _check_resolves(self, path: Path) -> None:
+        if _is_link_loop(path):
+            raise StorageError(f"{path}: a symbolic link loop under {self.path} (the link never "
+                               "reaches a file); remove or fix the link")
+
+    def _check_not_visited(self, directory: Path, visited: dict[tuple[int, int], Path]) -> None:
+        status = directory.stat()
+        key = (status.st_dev, status.st_ino)
+        if key in visited:
+            raise StorageError(f"{directory}: a symbolic link loop under {self.path} leads back to "
+                               f"{visited[key]}; remove or fix the link")
+        visited[key] = directory
+
+    def _walk_error(self, error: OSError) -> None:
+        raise StorageError(f"{error.filename or self.path}: cannot list ({error.strerror or error})")
 
     def read_bytes(self, rel: str) -> bytes:
         try:
@@ -157,6 +180,19 @@ class S3Root:
     def _endpoint(self) -> str:
         client = self._client
         return str(client.meta.endpoint_url) if client is not None else str(self.endpoint_url)
+
+
+def _is_link_loop(path: Path) -> bool:
+    """A symlink that never resolves (a -> b -> a): reading it would fail with ELOOP."""
+    if not path.is_symlink():
+        return False
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:        # Python < 3.13 reports a loop this way
+        return True
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
 
 
 def open_root(uri: str, endpoint_url: str | None = None) -> LocalRoot | S3Root:

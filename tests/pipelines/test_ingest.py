@@ -14,6 +14,7 @@ from segshift.components.data.formats import NON_STRICT_HINT, IngestError
 from segshift.components.data.manifest import MANIFEST_SCHEMA, read_manifest
 from segshift.components.data.storage import StorageError
 from segshift.pipelines.ingest import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     build_ingest_parser,
     ingest,
     resolve_size,
@@ -35,6 +36,7 @@ from tests.fixtures.s3 import S3Endpoint, moto_endpoint, s3, use_credentials  # 
 
 def _run(kind: str, root: Path | str, out: Path, resize: tuple[int, int] | None = None, strict: bool = True,
          workers: int = 1, **kwargs):
+    kwargs.setdefault("max_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     return ingest(kind, str(root), out, resize=resize, strict=strict, workers=workers, progress=False, **kwargs)
 
 
@@ -412,3 +414,56 @@ def test_cli_runs_and_prints_a_one_line_summary(tmp_path: Path, capsys: pytest.C
     assert lines[0].startswith(f"ingested 2 gta5 samples (train 2) into {tmp_path / 'out'} in ")
     assert lines[0].endswith(f"; skipped 1 (see {tmp_path / 'out' / 'skipped.csv'})")
     assert pq.read_table(tmp_path / "out" / "manifest.parquet").num_rows == 2
+
+
+# --- outputs never destroy what segshift did not write -----------------------------------------
+
+
+def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    from segshift.pipelines.cli import main
+    assert main(["ingest", "gta5", *argv, "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_cli_refuses_an_output_folder_it_did_not_write_before_reading_the_dataset(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    write_gta5(tmp_path / "raw", n=2)
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("\\chapter{Results}")
+
+    def no_discovery(*args, **kwargs):
+        raise AssertionError("the output must be checked before the dataset is read")
+    monkeypatch.setattr("segshift.pipelines.ingest.discover_samples", no_discovery)
+    err = _cli_error(capsys, str(tmp_path / "raw"), str(out))
+    assert str(out) in err and "thesis.tex" in err and "not a folder segshift wrote" in err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "\\chapter{Results}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "thesis"]
+
+
+def test_cli_refuses_the_current_directory_as_output(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    write_gta5(tmp_path / "raw", n=2)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert "is the current directory" in _cli_error(capsys, str(tmp_path / "raw"), ".")
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["raw", "work"]
+
+
+def test_an_output_from_before_the_marker_is_replaced_unless_it_holds_anything_else(tmp_path: Path):
+    write_gta5(tmp_path / "raw", n=2)
+    out = tmp_path / "out"
+    _run("gta5", tmp_path / "raw", out)
+    (out / ".segshift-output").unlink()           # as segshift 0.1.0 left it
+    _run("gta5", tmp_path / "raw", out)
+    assert (out / ".segshift-output").is_file() and len(_manifest_rows(out)) == 2
+    (out / ".segshift-output").unlink()
+    (out / "images" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a folder segshift wrote"):
+        _run("gta5", tmp_path / "raw", out)
+    assert (out / "images" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]

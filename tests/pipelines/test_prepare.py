@@ -75,3 +75,92 @@ def test_real_gta5_to_cityscapes_roles(tmp_path):
     val_cities = {r["sample_id"].split("_")[0] for r in target if r["split"] == "val"}
     train_cities = {r["sample_id"].split("_")[0] for r in target if r["split"] == "train"}
     assert val_cities and not val_cities & train_cities
+
+
+# -- outputs never destroy what segshift did not write ------------------------------------------------
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_prepare_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    params = write_params(tmp_path)
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "thesis.tex").write_text("\\chapter{Results}")
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 2
+    err = _one_error_line(capsys)
+    assert str(tmp_path / "prepared") in err and "thesis.tex" in err and "not a folder segshift wrote" in err
+    assert (tmp_path / "prepared" / "thesis.tex").read_text() == "\\chapter{Results}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "prepared"]
+    assert [p.name for p in (tmp_path / "prepared").iterdir()] == ["thesis.tex"]
+
+
+def test_prepare_into_the_project_directory_is_refused(tmp_path, capsys, monkeypatch):
+    params = write_params(tmp_path, {"prepare.out_dir": "."})
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 2
+    assert "is the current directory" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]   # no temporary folder
+
+
+HOLDER = """
+import pathlib, sys, time
+from segshift.components.io import atomic_directory
+final, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+with atomic_directory(final, writer="first writer") as tmp:
+    (tmp / "result.txt").write_text("complete")
+    print("writing", flush=True)
+    while not go.exists():
+        time.sleep(0.02)
+"""
+
+
+def test_a_second_prepare_while_another_writes_the_folder_is_refused(tmp_path, capsys):
+    import subprocess
+    import sys
+    params = write_params(tmp_path)
+    go = tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "prepared"), str(go)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "writing"
+        assert main(["prepare", "--params", str(params), "--quiet"]) == 2
+        err = _one_error_line(capsys)
+        assert (f"{tmp_path / 'prepared'} is being written by another segshift process (pid {first.pid}); "
+                "wait for it or choose another output") in err
+    finally:
+        go.touch()
+        first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert (tmp_path / "prepared" / "result.txt").read_text() == "complete"   # the first one's output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "params.yaml", "prepared"]
+
+
+def test_prepare_replaces_its_own_output_from_before_the_marker(tmp_path):
+    params = write_params(tmp_path)
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    markers = sorted((tmp_path / "prepared").rglob(".segshift-output"))
+    assert markers                                  # what 0.1.0 wrote is this, without the markers
+    for marker in markers:
+        marker.unlink()
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    assert (tmp_path / "prepared" / ".segshift-output").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "prepared"]
+
+
+def test_prepared_files_get_the_permissions_of_the_umask(tmp_path):
+    import os
+    import stat
+    params = write_params(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    finally:
+        os.umask(previous)
+    out = tmp_path / "prepared"
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["."] == 0o755 and modes["source/images"] == 0o755
+    assert modes["summary.json"] == 0o644 and modes["source/manifest.parquet"] == 0o644
+    assert {mode for name, mode in modes.items() if name.endswith(".png")} == {0o644}

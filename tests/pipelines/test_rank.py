@@ -238,7 +238,7 @@ def test_class_balanced_selection_keeps_the_most_confident_share_of_each_class(r
                                      variant="cb"))
     metrics = rank_module.rank_stage(params, ranked, progress=False)
     out = ranked / "data" / "ranking_cb"
-    assert sorted(p.name for p in out.iterdir()) == ["pseudo_labels", "ranking.parquet"]  # no confidence/
+    assert sorted(p.name for p in out.iterdir()) == [".segshift-output", "pseudo_labels", "ranking.parquet"]  # no confidence/
     table = read_ranking(out)
     assert json.loads(table.schema.metadata[b"segshift.class_balanced_share"]) == share
     model = load_stage_model(ranked / "models" / "inter" / "model.pt", params).eval()

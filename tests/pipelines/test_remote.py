@@ -100,6 +100,29 @@ def test_an_empty_prefix_is_an_error_naming_it_unless_optional(s3, tmp_path):
         pull(params, tmp_path, "s3://no-such-bucket/data")
 
 
+def test_a_key_that_climbs_out_of_the_mirror_is_refused_before_anything_is_written(s3, tmp_path, monkeypatch, capsys):
+    bucket = s3.new_bucket()
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key="prepared/target/manifest.parquet", Body=b"fine")
+    client.put_object(Bucket=bucket, Key="prepared/../../../../ESCAPED.txt", Body=b"owned")
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    params = s3_project(work, s3, bucket, "cache")
+    assert main(["train", "--stage", "source", "--params", str(params), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "prepared/../../../../ESCAPED.txt" in err and "leaves its folder" in err
+    assert not list(tmp_path.rglob("ESCAPED.txt"))
+    assert not (work / "cache" / "s3" / bucket / "prepared" / "target" / "manifest.parquet").exists()
+
+
+def test_an_s3_location_cannot_place_its_mirror_outside_the_cache(s3, tmp_path):
+    params = load_params(write_params(tmp_path, {"storage.s3_endpoint_url": s3.url, "storage.cache_dir": "c"}))
+    with pytest.raises(ValueError, match="leaves its folder"):
+        mirror_path(params, tmp_path, "s3://bucket/../../../home")
+
+
 def test_train_on_a_missing_s3_dataset_fails_with_the_location(s3, tmp_path, monkeypatch, capsys):
     bucket = s3.new_bucket()
     monkeypatch.chdir(tmp_path)

@@ -197,3 +197,35 @@ def test_a_person_can_take_the_oracles_place_through_files(project, monkeypatch,
         label = read_label(path)
         known = label != IGNORE_INDEX
         assert np.array_equal(label[known], truth[path.stem][known])
+
+
+def test_a_persons_label_of_the_wrong_size_format_or_ids_is_refused_naming_the_file(project, monkeypatch, capsys):
+    import cv2
+    from segshift.components.io import write_png
+    monkeypatch.chdir(project)
+    overrides = {"inter.method": "labor", "inter.iterations": 2, "methods.labor.stages": 2,
+                 "methods.labor.selector_iterations": 1, "methods.labor.annotator": "files",
+                 "methods.labor.annotations": "careless", "methods.labor.label_budget": 0.05}
+    assert run(project, overrides) == 2
+    capsys.readouterr()
+    requests, answers = project / "careless" / "stage-1" / "requests", project / "careless" / "stage-1" / "labels"
+    answers.mkdir(parents=True)
+    shapes = {}
+    for request in requests.glob("*.png"):
+        shapes[request.name] = read_label(request).shape
+        write_png(answers / request.name, np.zeros(shapes[request.name], np.uint8))
+    victim = answers / sorted(shapes)[0]
+    height, width = shapes[victim.name]
+    cases = {
+        "wrong size": (write_png, np.zeros((height // 2, width), np.uint8), f"request {width}x{height}"),
+        "jpeg": (None, np.zeros((height, width), np.uint8), "must be a PNG file, but its content is a JPEG"),
+        "bad ids": (write_png, np.full((height, width), 77, np.uint8), "train id(s) [77]"),
+    }
+    for case, (writer, array, expected) in cases.items():
+        if writer is None:
+            victim.write_bytes(cv2.imencode(".jpg", array)[1].tobytes())
+        else:
+            writer(victim, array)
+        assert run(project, overrides) == 2, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(victim) in err[0] and expected in err[0], (case, err)

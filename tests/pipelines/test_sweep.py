@@ -84,7 +84,7 @@ def test_every_trial_reuses_the_one_ranking_inference_and_splits_with_its_own_la
         assert meta["class_balanced_share"] == row["config"]["rank.class_balanced_share"]
         easy = table["split"].to_pylist().count("easy")
         assert easy == math.floor(row["config"]["rank.lambda"] * N + 1e-9)
-        assert sorted(p.name for p in (trial / "ranking").iterdir()) == ["pseudo_labels", "ranking.parquet"]
+        assert sorted(p.name for p in (trial / "ranking").iterdir()) == [".segshift-output", "pseudo_labels", "ranking.parquet"]
         # scores are the cached ones: the trial never ran the inter model again
         cached = {r["sample_id"]: r["score"] for r in records}
         assert all(cached[s] == v for s, v in zip(table["sample_id"].to_pylist(), table["score"].to_pylist()))

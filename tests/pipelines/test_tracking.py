@@ -6,6 +6,7 @@ database per module and keep apart by experiment name.
 """
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -31,8 +32,12 @@ from segshift.pipelines.tracking import (
     dvc_stage_hash,
     flatten_params,
     git_dirty,
+    log_flat_params,
+    mask_secrets,
+    mask_text,
     pipeline_key,
     resolve_tracking_uri,
+    set_run_tags,
 )
 from tests.conftest import REPO
 
@@ -265,6 +270,208 @@ def test_credentials_are_never_logged(store, experiment, monkeypatch):
     assert run.data.params["storage.aws_secret_access_key"] == "***"
     assert run.data.params["db_password"] == "***"
     assert run.data.params["storage.s3_endpoint_url"] == "http://***@host:9000"
+
+
+# --------------------------------------------------------------------------- secrets inside values
+# An attacker reading the tracking server (or a shared log) must find no credential, even one
+# pasted into a value whose key looks innocent. AWS's documented example keys stand in for real
+# ones; each fragment below is something the old, key-name/URL-until-"/" masking let through.
+
+AWS_KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+ENDPOINT_WITH_KEYS = f"http://{AWS_KEY_ID}:{AWS_SECRET}@127.0.0.1:9000"
+URL_WITH_AT_PASSWORD = "https://user:pw1@Xq9zTail@host.example/x"
+SESSION_TOKEN = "FwoGZXIvYXdzEJrEXAMPLESESSIONTOKEN"
+SIGNATURE = "5d1a0c2e9b8f7a6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e"
+PRESIGNED = ("https://bucket.s3.amazonaws.com/data/city.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+             f"&X-Amz-Credential={AWS_KEY_ID}%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"
+             "&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+             f"&X-Amz-Security-Token={SESSION_TOKEN}&X-Amz-Signature={SIGNATURE}")
+PRESIGNED_MASKED = ("https://bucket.s3.amazonaws.com/data/city.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+                    "&X-Amz-Credential=***&X-Amz-Date=20240101T000000Z&X-Amz-Expires=3600"
+                    "&X-Amz-SignedHeaders=host&X-Amz-Security-Token=***&X-Amz-Signature=***")
+ENV_SECRET = "env-Secret-4e1d-9c07"  # matches no pattern: only the environment gives it away
+LEAKS = (AWS_KEY_ID, "wJalrXUtnFEMI", "K7MDENG", "bPxRfiCYEXAMPLEKEY", "pw1@", "Xq9zTail",
+         SESSION_TOKEN, SIGNATURE, ENV_SECRET)
+GIT_SHA = "3f786850e387550fdab836ed7e6dc881de23001b"
+
+
+def _leaks(texts: dict[str, str]) -> dict[str, list[str]]:
+    """{where: [secret fragments found there]} for every text that holds one."""
+    found = {where: [leak for leak in LEAKS if leak in text] for where, text in texts.items()}
+    return {where: leaks for where, leaks in found.items() if leaks}
+
+
+@pytest.mark.parametrize("text, masked", [
+    # An AWS key pair as S3 endpoint user-info: the secret holds "/", where the old regex stopped.
+    (ENDPOINT_WITH_KEYS, "http://***@127.0.0.1:9000"),
+    # A password holding "@": user-info runs to the LAST "@" before the host.
+    (URL_WITH_AT_PASSWORD, "https://***@host.example/x"),
+    # Presigned URLs: signatures and credentials go, the rest (which object, until when) stays.
+    (PRESIGNED, PRESIGNED_MASKED),
+    ("https://cdn.example/a.png?Expires=1700000000&Signature=abcXYZ~-_&Key-Pair-Id=K2JCJMDEH",
+     "https://cdn.example/a.png?Expires=1700000000&Signature=***&Key-Pair-Id=***"),
+    ("https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=r&sig=abc%2Bdef%3D",
+     "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sp=r&sig=***"),
+    ("https://api.example/v1/data?token=tok_abcdef&page=2",
+     "https://api.example/v1/data?token=***&page=2"),
+    ("https://app.example/cb#access_token=ya29.a0AfH6SMB&state=xyz",
+     "https://app.example/cb#access_token=***&state=xyz"),
+    # Bare AWS keys, e.g. quoted by an error message or a pasted credentials file.
+    (f"aws_secret_access_key={AWS_SECRET} in ~/.aws/credentials",
+     "aws_secret_access_key=*** in ~/.aws/credentials"),
+    (f"InvalidAccessKeyId: The AWS Access Key Id {AWS_KEY_ID} does not exist",
+     "InvalidAccessKeyId: The AWS Access Key Id *** does not exist"),
+    ("temporary key ASIAY34FZKBOKMUTVV7A expired", "temporary key *** expired"),
+])
+def test_mask_text_masks_credentials_in_values(text, masked):
+    assert mask_text(text) == masked
+
+
+def test_mask_text_masks_credential_environment_values(monkeypatch):
+    session = "IQoJb3JpZ2luX2VjEXAMPLE/session+token=="
+    # Read when masking, not at import: a credential exported after start-up counts as well.
+    assert mask_text(f"cache at /tmp/{ENV_SECRET}") == f"cache at /tmp/{ENV_SECRET}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", session)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "tracking-pass-123")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tracking-token-456")
+    assert mask_text(f"cache at /tmp/{ENV_SECRET}") == "cache at /tmp/***"
+    assert mask_text(f"{session} | tracking-pass-123 | tracking-token-456") == "*** | *** | ***"
+    # URL-encoded, as it appears inside a query string.
+    assert mask_text("?t=IQoJb3JpZ2luX2VjEXAMPLE%2Fsession%2Btoken%3D%3D") == "?t=***"
+
+
+def test_mask_text_keeps_what_is_not_a_credential(tmp_path, monkeypatch):
+    # Short credential values (fixtures' "testing", MinIO's "minio") would mask common words;
+    # other variables, and those that only name a credential's file, are no secrets.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio")
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "Ada Lovelace Byron")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("SEGSHIFT_NOTE", "plainly-not-secret")
+    ordinary = [
+        "data/prepared", f"sqlite:///{tmp_path}/mlflow.db", "http://127.0.0.1:9000",
+        "s3://segshift-data/prepared/v1", "minio", "Ada Lovelace Byron",
+        str(tmp_path / "credentials"),
+        "plainly-not-secret", "user@example.com", "https://pypi.org/simple/?page=2&sort=name",
+        GIT_SHA, GIT_SHA.upper(),  # git commits are 40 hex characters, like a secret key's length
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",  # DVC stage hash
+        "0a1b2c3d4e5f60718293a4b5c6d7e8f9",  # MLflow run id
+        "home/user/projects/segshift/data/prepare",  # 40 characters of a path
+        "pipeline 3f786850 9f86d081", "[1, 2, 3, 4]", "null", "0.25",
+    ]
+    assert [mask_text(text) for text in ordinary] == ordinary
+    # Masking is surgical: the words around a credential stay readable.
+    assert (mask_text(f"endpoint {ENDPOINT_WITH_KEYS} at commit {GIT_SHA}, cache data/prepared")
+            == f"endpoint http://***@127.0.0.1:9000 at commit {GIT_SHA}, cache data/prepared")
+
+
+def test_mask_secrets_masks_by_key_name_and_by_value():
+    tree = {"storage": {"s3_endpoint_url": ENDPOINT_WITH_KEYS, "cache_dir": "data/cache"},
+            "mirrors": [PRESIGNED, (URL_WITH_AT_PASSWORD, 3)], "db_password": "hunter22",
+            "api_token": None, ENDPOINT_WITH_KEYS: "a URL as a key"}
+    assert mask_secrets(tree) == {
+        "storage": {"s3_endpoint_url": "http://***@127.0.0.1:9000", "cache_dir": "data/cache"},
+        "mirrors": [PRESIGNED_MASKED, ("https://***@host.example/x", 3)], "db_password": "***",
+        "api_token": None, "http://***@127.0.0.1:9000": "a URL as a key"}
+
+
+def test_tracker_log_records_are_masked(caplog):
+    # What the tracker prints (warnings, a traceback it logs) can quote a URL or a config value.
+    tracker_log = logging.getLogger("segshift.pipelines.tracking")
+    caplog.set_level(logging.DEBUG, logger=tracker_log.name)
+    tracker_log.warning("endpoint %s unreachable", ENDPOINT_WITH_KEYS)
+    try:
+        raise RuntimeError(f"GET {PRESIGNED} failed")
+    except RuntimeError:
+        tracker_log.exception("could not record the end of stage run %s", "r1")
+    assert _leaks({"log": caplog.text}) == {}
+    assert "endpoint http://***@127.0.0.1:9000 unreachable" in caplog.text
+    assert "Traceback" in caplog.text  # the traceback is kept, only masked
+    assert f"RuntimeError: GET {PRESIGNED_MASKED} failed" in caplog.text
+
+
+def _artifact_texts(client: MlflowClient, run_id: str, dst: Path) -> dict[str, str]:
+    """Every artifact of the run, downloaded from the store, as text (binary files decoded
+    leniently: a secret in them would still show)."""
+    root = Path(client.download_artifacts(run_id, "", str(dst)))
+    return {f"{run_id[:6]}:{f.relative_to(root)}": f.read_bytes().decode("utf-8", "replace")
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def _run_texts(run) -> dict[str, str]:
+    texts = {f"{run.info.run_id[:6]} name": run.info.run_name}
+    for kind, entries in (("param", run.data.params), ("tag", run.data.tags)):
+        texts.update({f"{run.info.run_id[:6]} {kind} {k}": f"{k}={v}" for k, v in entries.items()})
+    return texts
+
+
+def test_secrets_in_values_never_reach_mlflow_or_the_log(store, experiment, tmp_path, monkeypatch,
+                                                         caplog, capfd):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)
+    caplog.set_level(logging.DEBUG, logger="segshift.pipelines.tracking")
+    params = _params(experiment, **{"storage.s3_endpoint_url": ENDPOINT_WITH_KEYS,
+                                    "storage.cache_dir": f"/tmp/cache/{ENV_SECRET}"})
+    everything = f"{ENDPOINT_WITH_KEYS}\n{URL_WITH_AT_PASSWORD}\n{PRESIGNED}\n{ENV_SECRET}\n"
+    notes = tmp_path / "notes.md"
+    notes.write_text(everything)
+    folder = tmp_path / "bundle"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "sources.json").write_text(f'{{"mirror": "{PRESIGNED}"}}')
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+    (folder / "plot.png").write_bytes(png)
+    svg = tmp_path / "figure.svg"
+    svg.write_text(f"<svg><title>{ENDPOINT_WITH_KEYS}</title></svg>")
+
+    with pytest.raises(RuntimeError):
+        # A DVC stage name is printed when no stage hash is found (the store is no DVC repo).
+        with StageTracker(params, "prepare", store, dvc_stage=f"prepare-{ENV_SECRET}",
+                          tags={"source": PRESIGNED, "note": f"key {ENV_SECRET}"}) as tracker:
+            run_id = tracker.run_id
+            tracker.log_params({"data": {"mirror": PRESIGNED, "backup": URL_WITH_AT_PASSWORD},
+                                "notes": f"credential {ENV_SECRET}"})
+            tracker.set_tags({"endpoint": ENDPOINT_WITH_KEYS})
+            tracker.log_text(everything, "notes/all.txt")
+            # A Path is no string to mask in the tree: only its JSON text shows the secret.
+            tracker.log_dict({"endpoint": ENDPOINT_WITH_KEYS, "mirrors": [PRESIGNED],
+                              "env": ENV_SECRET, "path": Path(f"/x/{ENV_SECRET}")},
+                             "extra/urls.json")
+            tracker.log_dict({"endpoint": ENDPOINT_WITH_KEYS, "backup": URL_WITH_AT_PASSWORD},
+                             "extra/urls.yaml")
+            tracker.log_artifact(notes, "docs")
+            tracker.log_artifact(folder, "bundle")
+            tracker.log_figure(svg, "plots/figure.svg")
+            raise RuntimeError(f"download of {PRESIGNED} via {URL_WITH_AT_PASSWORD} failed")
+    client = _client(store)
+    # Sweeps log trial params and tags through these directly.
+    log_flat_params(client, run_id, {"sweep.trial_url": PRESIGNED})
+    set_run_tags(client, run_id, {"sweep.endpoint": ENDPOINT_WITH_KEYS})
+
+    run = client.get_run(run_id)
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    out, err = capfd.readouterr()
+    texts = {**_run_texts(run), **_run_texts(parent), "stdout": out, "stderr": err,
+             "log": caplog.text, **_artifact_texts(client, run_id, tmp_path / "child"),
+             **_artifact_texts(client, parent.info.run_id, tmp_path / "parent")}
+    assert _leaks(texts) == {}
+    # ...and every artifact was indeed read back (an empty download would prove nothing).
+    child = {name.split(":", 1)[1] for name in texts if name.startswith(f"{run_id[:6]}:")}
+    assert child == {CONFIG_ARTIFACT, "notes/all.txt", "extra/urls.json", "extra/urls.yaml",
+                     "docs/notes.md", "bundle/plot.png", "bundle/sub/sources.json",
+                     "plots/figure.svg"}
+    assert f"{parent.info.run_id[:6]}:{CONFIG_ARTIFACT}" in texts
+
+    # Masked, not dropped: the rest of every value is still there to read.
+    assert run.data.params["storage.s3_endpoint_url"] == "http://***@127.0.0.1:9000"
+    assert run.data.params["data.mirror"] == PRESIGNED_MASKED
+    assert run.data.params["storage.cache_dir"] == "/tmp/cache/***"
+    assert run.data.tags["segshift.error"] == (f"RuntimeError: download of {PRESIGNED_MASKED} via "
+                                               "https://***@host.example/x failed")
+    assert "no dvc.stage_hash for 'prepare-***'" in caplog.text
+    artifacts = store / "mlartifacts" / run_id / "artifacts"
+    assert (artifacts / "bundle" / "plot.png").read_bytes() == png  # binary files go as they are
+    assert "http://***@127.0.0.1:9000" in (artifacts / CONFIG_ARTIFACT).read_text()
+    assert notes.read_text() == everything  # the files on disk are the stage's: left untouched
 
 
 # --------------------------------------------------------------------------- git and DVC provenance

@@ -259,7 +259,7 @@ def test_convert_sample_writes_image_label_and_returns_its_record(tmp_path: Path
     written = write_gta5(tmp_path / "raw", n=1)[0]
     out = tmp_path / "out"
     record = convert_sample(_gta5_sample("00001"), root=LocalRoot(str(tmp_path / "raw")), out_dir=str(out),
-                            size=(32, 18), strict=True)
+                            size=(32, 18), strict=True, max_pixels=10**8)
     assert record == SampleRecord("gta5_00001", "gta5", "source", "train", "images/train/gta5_00001.png",
                                   "labels/train/gta5_00001.png", 18, 32)
     label = np.asarray(Image.open(out / record.label))
@@ -273,9 +273,10 @@ def test_convert_sample_raises_when_strict_and_skips_otherwise(tmp_path: Path):
     truncate_file(raw / "images" / "00001.png")
     root = LocalRoot(str(raw))
     with pytest.raises(IngestError, match=r"images/00001\.png: cannot decode image"):
-        convert_sample(_gta5_sample("00001"), root=root, out_dir=str(tmp_path / "out"), size=None, strict=True)
+        convert_sample(_gta5_sample("00001"), root=root, out_dir=str(tmp_path / "out"), size=None, strict=True,
+                       max_pixels=10**8)
     skipped = convert_sample(_gta5_sample("00001"), root=root, out_dir=str(tmp_path / "out"), size=None,
-                             strict=False)
+                             strict=False, max_pixels=10**8)
     assert isinstance(skipped, SkippedSample)
     assert skipped.file == str(raw / "images" / "00001.png")
     assert "cannot decode image" in skipped.reason
