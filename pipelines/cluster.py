@@ -1,13 +1,18 @@
 """Connecting to Ray: a local instance by default, or an existing cluster (`ray.address`, RAY_ADDRESS)."""
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import socket
+import warnings
+from collections.abc import Iterator
 
 from segshift.components.config import Params
 
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_GCS_PORT = 6379
+LOOPBACK = "127.0.0.1"
 
 
 class ClusterError(RuntimeError):
@@ -62,12 +67,60 @@ def connect_ray(params: Params) -> None:
         # Inside a Ray job (`ray job submit`) the driver already belongs to the cluster.
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
         return
-    # Tests and laptops keep Ray on loopback. The dashboard serves Ray's state API, which Ray
-    # Train uses to release the workers' resources when Tune stops a trial early (ASHA):
-    # without it every stopped trial would keep its CPUs until the instance shuts down.
-    ray.init(num_cpus=params.ray.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=None, _node_ip_address="127.0.0.1", ignore_reinit_error=True,
-             log_to_driver=True)
+    start_local_ray(params)
+
+
+def start_local_ray(params: Params) -> None:
+    """A Ray instance only this machine can reach: every server of it listens on loopback.
+
+    The dashboard serves Ray's state API, which Ray Train uses to release the workers' resources
+    when Tune stops a trial early (ASHA): without it every stopped trial would keep its CPUs until
+    the instance shuts down.
+    """
+    import ray
+    with loopback_node_address():
+        ray.init(num_cpus=params.ray.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=None, _node_ip_address=LOOPBACK, ignore_reinit_error=True,
+                 log_to_driver=True)
+    node_ip = ray.util.get_node_ip_address()
+    if not is_loopback(node_ip):
+        # only a Ray release without the flag below gets here (and tests/pipelines/test_cluster.py fails)
+        warnings.warn(f"the local Ray instance runs on {node_ip}, not {LOOPBACK}: its servers listen "
+                      "on every interface; keep RAY_AUTH_MODE unset or 'token' so that Ray's token "
+                      "authentication guards them", stacklevel=2)
+
+
+@contextlib.contextmanager
+def loopback_node_address() -> Iterator[None]:
+    """Let `_node_ip_address=127.0.0.1` stand while ray.init starts the instance.
+
+    Ray (2.5x on Linux) replaces a loopback node address with the machine's LAN address, so that
+    other nodes could join; the node's address then decides where the GCS, raylet, workers and
+    agents listen: on every interface. Ray keeps the loopback address where it supports no
+    clusters (macOS, Windows), so its flag for that is switched for the duration of this one call
+    and restored: no environment variable is set, and a later connection to a real cluster is as
+    Ray would make it. If a future Ray drops the flag, the warning in start_local_ray says so.
+    """
+    from ray._private import ray_constants
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and IPv4-mapped loopback (::ffff:127.0.0.1); names are not resolved."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def local_shortfall(params: Params, needs: dict[str, float]) -> tuple[str, float, float] | None:

@@ -31,7 +31,7 @@ from segshift.components.data.augment import AugmentationSpec
 from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.data.manifest import MANIFEST_NAME
-from segshift.components.engine.checkpoint import load_checkpoint, save_checkpoint
+from segshift.components.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segshift.components.engine.loop import Runtime, Trainer, resolve_device, speed_settings
 from segshift.components.engine.precision import SpeedSettings
 from segshift.components.evaluation import evaluate, validation_metrics
@@ -455,6 +455,8 @@ def load_stage_model(path: Path, params: Params) -> torch.nn.Module:
     Raises ModelError naming the file when it holds another architecture, width or class count.
     """
     state = load_checkpoint(path)
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path}: no 'model' entry of weights; expected a segshift model.pt or best.pt")
     # The trained weights replace everything: no need to fetch ImageNet weights again.
     model = build_model(params.model.model_copy(update={"pretrained": None}))
     check_checkpoint_compatible(state["model"], model, str(path))

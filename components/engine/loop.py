@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from segshift.components.config import EngineConfig
-from segshift.components.engine.checkpoint import (capture_rng_state, load_checkpoint,
+from segshift.components.engine.checkpoint import (OutdatedCheckpointError, capture_rng_state, load_checkpoint,
                                                    restore_rng_state, save_checkpoint)
 from segshift.components.engine.optim import set_poly_lr
 from segshift.components.engine.precision import Hardware, PrecisionError, SpeedSettings, resolve_speed
@@ -144,7 +144,13 @@ class Trainer:
         """Load the last checkpoint if it belongs to this configuration; return the next step."""
         if not self.checkpoint_path.is_file():
             return 0
-        state = load_checkpoint(self.checkpoint_path)
+        try:
+            state = load_checkpoint(self.checkpoint_path)
+        except OutdatedCheckpointError:
+            # a resume point of an older segshift, not a result: nothing is lost by training afresh
+            if self.runtime.is_main:
+                tqdm.write(f"{self.checkpoint_path}: written by an older segshift; starting afresh")
+            return 0
         if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint:
             if self.runtime.is_main:
                 tqdm.write(f"{self.checkpoint_path}: from another configuration; starting afresh")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segshift.components.data.storage import S3_SCHEME, S3Root, StorageError
+from segshift.components.engine.checkpoint import load_failure_reason, unsafe_content, unsafe_globals
 from segshift.components.models.bisenet import BiSeNet
 from segshift.components.models.deeplab import DeepLabV2
 from segshift.components.models.resnet import ARCHITECTURES, Bottleneck
@@ -129,8 +130,11 @@ def load_state_dict_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as error:  # torch raises pickle, zip and runtime errors for foreign files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelError(f"{source}: not a loadable PyTorch weights file ({first_line})") from error
+        refused = unsafe_globals(io.BytesIO(data))
+        if refused:
+            raise ModelError(f"{source}: {unsafe_content(refused)}") from None
+        reason = load_failure_reason(error)
+        raise ModelError(f"{source}: not a loadable PyTorch weights file ({reason})") from None
     return as_state_dict(obj, source)
 
 
