@@ -475,6 +475,14 @@ class DacsConfig(_Strict):
     ema_alpha: Float = Field(ge=0, le=1)                  # teacher momentum (ref. 0.99)
     confidence_threshold: Float = Field(gt=0, lt=1)       # confident teacher pixels (ref. 0.968)
     mixed_weight: LossWeight                              # weight of the mixed-image loss (ref. 1)
+    # train: the teacher pseudo-labels in train mode, BN on the target batch's statistics, its
+    # buffers never averaged (ref.); eval: eval mode with the student's BN statistics copied.
+    # The defaults below are the reference's (vikolss/DACS), so configs written before them load.
+    teacher_mode: Literal["train", "eval"] = "train"
+    confidence_per_image: Bool = False                    # weight per mixed image, not pooled over the batch (ref. false)
+    classmix_ignore: Bool = True                          # the ignore label counts as a class ClassMix may paste (ref. true)
+    color_jitter: Bool = True                             # mixed images: colour jitter, p 0.8, strength 0.25 (ref. true)
+    blur: Bool = True                                     # mixed images: Gaussian blur, p 0.5, sigma 0.15-1.15 (ref. true)
 
 
 class FdaConfig(_Strict):
@@ -483,17 +491,25 @@ class FdaConfig(_Strict):
     beta: Float = Field(gt=0, lt=0.5)                     # window: b = floor(min(H, W) * beta) (ref. 0.01)
     entropy_weight: LossWeight                            # Charbonnier entropy on target (ref. 0.005)
     eta: Float = Field(gt=0, le=100)                      # its robust exponent (ref. 2)
-    entropy_start: Int = Field(ge=0, le=MAX_ITERATIONS)   # step the entropy term starts (ref. 1/3 of training)
-    # Multi-band transfer + self-training: one model per beta (each from the stage's init), their
-    # mean prediction pseudo-labels target train, then the `beta` model trains on those too.
-    # [] = a single FDA model at `beta`. The stage's iterations are shared by all rounds.
+    entropy_start: Int = Field(ge=0, le=MAX_ITERATIONS)   # 0-based step the entropy term starts
+    #   (ref. README: `i > switch2entropy` with 0, i.e. step 1; options default 50k of 150k)
+    # Multi-band transfer (MBT): one model per beta (each from the stage's init), evaluated as the
+    # ensemble of their mean softmax; it pseudo-labels target train for a self-training round at
+    # `beta`. [] = a single FDA model at `beta`. Each round trains the stage's full iterations.
     ensemble_betas: list[Float] = Field(max_length=8)    # each beta trains a whole model
+    self_training: bool = True                            # SSL round on the ensemble's labels (ref. yes);
+    #   off: the stage's headline result is the ensemble (the reference's evaluation_multi.py)
+    self_training_init: Literal["stage", "band"] = "stage"  # where it starts: the init the band models
+    #   start from (ref. SStrain.py --init-weights DeepLab_init.pth) | band: the trained `beta` model
 
     @model_validator(mode="after")
     def _betas(self) -> "FdaConfig":
         for beta in self.ensemble_betas:
             if not 0 < beta < 0.5:
                 raise ValueError(f"ensemble_betas: {beta} is outside (0, 0.5)")
+        if self.ensemble_betas and self.self_training_init == "band" and self.beta not in self.ensemble_betas:
+            raise ValueError(f"self_training_init: band needs beta = {self.beta} among ensemble_betas "
+                             f"{self.ensemble_betas}")
         return self
 
 
@@ -503,7 +519,7 @@ class LseConfig(_Strict):
     share_start: Float = Field(gt=0, le=1)   # p, the per-class share of images kept, in round 1 (ref. 0.1)
     share_step: Float = Field(ge=0, le=1)    # + per round (ref. 0.05)
     share_max: Float = Field(gt=0, le=1)     # last round's p (ref. 0.4: 7 rounds)
-    scale: Float = Field(ge=1, le=8)         # crops of 1/scale the size, upsampled x scale (ref. 2)
+    scale: Float = Field(ge=1, le=8)         # crops of 1/scale the size, upsampled x scale: 2 only (ref.)
     crops_per_image: Int = Field(ge=1, le=64)  # (ref. 4); each crop is one more image in the batch
     gamma: Float = Field(ge=0, le=100)       # focal exponent (ref. 3)
     beta: LossWeight                         # focal term weight (ref. 0.1)
@@ -511,6 +527,12 @@ class LseConfig(_Strict):
 
     @model_validator(mode="after")
     def _schedule(self) -> "LseConfig":
+        # LSE *is* its 2x scale-invariant examples; any other zoom (1.0 = plain class-balanced
+        # self-training) would run another method under LSE's name
+        if self.scale != 2.0:
+            raise ValueError(f"methods.lse.scale = {self.scale:g}: LSE trains on 2x-zoomed crops (the reference's "
+                             "256x512 of 512x1024) and takes only 2.0; for class-balanced self-training without "
+                             "the zoom use the rank + intra stages (rank.class_balanced_share)")
         if self.share_max < self.share_start:
             raise ValueError(f"share_max = {self.share_max} is below share_start = {self.share_start}")
         # a tiny step would mean millions of rounds (lse.schedule_rounds counts them the same way)

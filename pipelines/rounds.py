@@ -5,11 +5,13 @@ A round is an ordinary run of the engine (train.Round: its method, data and star
 its own checkpoints under `<checkpoints>/<stage>/<round>/`). Between rounds the driver predicts
 target train with the latest model and writes the next round's labels beside those checkpoints:
 
-- LSE: per round r the share p_r (0.1, 0.15, ... 0.4): the images among the p_r most confident
-  for some class, their pixels under their class's entropy threshold as pseudo-labels; each
-  round starts from the previous round's selected model.
-- FDA: one model per beta of the ensemble, their mean softmax pseudo-labels target train
-  (per-class confidence thresholds), then a self-training round of the `beta` model on them.
+- LSE: per round r the share p_r (0.1, 0.15, ... 0.4): per class the int(n_c * p_r / 19) most
+  confident images (the reference's rule), their pixels under their class's entropy threshold
+  (from the class's first image not kept) as pseudo-labels; each round starts from the previous
+  round's selected model.
+- FDA: one model per beta of the ensemble, whose mean softmax is evaluated (the paper's MBT
+  result) and pseudo-labels target train (per-class confidence thresholds), then a self-training
+  round at `beta` on them, from the stage's init like the band models (the reference's).
 - LabOR: per labelling stage, a pixel selector (two heads, trained on model A's predictions)
   marks where its heads disagree; SPL/PPL choose pixels within the stage's share of the budget;
   the annotator (the oracle, or a person via files) reveals them; model A trains on source plus
@@ -43,13 +45,13 @@ from segshift.components.data.image_checks import ImageCheckError, header_size, 
 from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES, invalid_train_ids
 from segshift.components.engine.checkpoint import load_checkpoint
 from segshift.components.engine.loop import Selection, resolve_device
+from segshift.components.evaluation import Evaluation, validation_metrics
 from segshift.components.io import atomic_write_text, write_png
 from segshift.components.losses import normalised_entropy, upsample
+from segshift.components.metrics import confusion_matrix
 from segshift.components.methods import fda as fda_lib
 from segshift.components.methods import labor as labor_lib
 from segshift.components.methods import lse as lse_lib
-from segshift.components.pseudo_labels import (apply_class_thresholds, class_balanced_thresholds,
-                                               class_confidence_histogram, quantise_confidence)
 from segshift.pipelines.remote import push
 from segshift.pipelines.train import (Round, StageInputError, StageJob, initial_model, label_file,
                                       load_stage_model, run_workers, stage_config)
@@ -209,7 +211,9 @@ def select_round(candidates: list[tuple[str, StageJob, dict]], extra: dict) -> t
 # -- LSE --------------------------------------------------------------------------------------------
 
 def lse_pseudo_labels(runner: RoundRunner, init: str | None, share: float, desc: str) -> tuple[dict, dict]:
-    """The round's confident images (top `share` per class) and their entropy-filtered labels."""
+    """The round's confident images (per class, the reference's int(n_c * p / 19) most confident)
+    and their labels: pixels whose per-class normalised entropy reaches their class's threshold,
+    taken from that class's boundary image (the first one not kept), become IGNORE."""
     model, size = runner.model(init), runner.image_size
     ids, scores, predicted, entropy = [], [], [], []
     for batch_ids, (out,) in runner.predict([model], desc):
@@ -218,14 +222,19 @@ def lse_pseudo_labels(runner: RoundRunner, init: str | None, share: float, desc:
         scores.append(lse_lib.class_confidence_scores(probs).cpu())
         predicted.append(probs.argmax(1).to(torch.uint8).cpu())
         entropy.append(normalised_entropy(probs).to(torch.float16).cpu())
-    chosen = lse_lib.select_confident_images(torch.cat(scores), share)
-    kept_pred = torch.cat(predicted)[chosen].long()
-    kept_entropy = torch.cat(entropy)[chosen].float()
-    thresholds = lse_lib.class_entropy_thresholds(kept_entropy, kept_pred, share)
-    labels = lse_lib.select_pseudo_labels(kept_pred, kept_entropy, thresholds)
-    report = {"share": share, "images": len(chosen),
-              "labelled_pixels": float((labels != IGNORE_INDEX).float().mean())}
-    return {ids[i]: labels[k].numpy() for k, i in enumerate(chosen)}, report
+    selection = lse_lib.class_selection(torch.cat(scores), share)
+    chosen = selection.images
+    predicted, entropy = torch.cat(predicted), torch.cat(entropy)
+    boundary = {c: (entropy[i].float(), predicted[i].long())
+                for c, i in enumerate(selection.boundary) if i is not None}
+    thresholds = lse_lib.class_entropy_thresholds(boundary, NUM_CLASSES)
+    labels = {ids[i]: lse_lib.select_pseudo_labels(predicted[i].long(), entropy[i].float(), thresholds).numpy()
+              for i in chosen}
+    labelled = float(np.mean([(label != IGNORE_INDEX).mean() for label in labels.values()])) if labels else 0.0
+    report = {"share": share, "images": len(chosen), "labelled_pixels": labelled,
+              # null: the class keeps every pixel (its boundary image's entropies were all equal)
+              "entropy_thresholds": [round(float(t), 6) if np.isfinite(float(t)) else None for t in thresholds]}
+    return labels, report
 
 
 def lse_rounds(runner: RoundRunner) -> dict:
@@ -255,26 +264,82 @@ def lse_rounds(runner: RoundRunner) -> dict:
 
 # -- FDA: multi-band ensemble + self-training --------------------------------------------------------
 
+def ensemble_probabilities(outputs, size: tuple[int, int]) -> torch.Tensor:
+    """The multi-band ensemble as the reference computes it (`evaluation_multi.py`,
+    `getSudoLabel_multi.py`): each model's softmax at its output resolution, averaged, and the
+    averaged probabilities upsampled to `size`."""
+    mean = fda_lib.multi_band_ensemble([out.main.float().softmax(1) for out in outputs])
+    return mean if tuple(mean.shape[-2:]) == tuple(size) else upsample(mean, size)
+
+
+@torch.inference_mode()
+def evaluate_ensemble(models: list[torch.nn.Module], dataset, batch_size: int, device: torch.device,
+                      progress: bool = False, desc: str = "fda: ensemble") -> tuple[Evaluation, list[Evaluation]]:
+    """The ensemble's evaluation on a labelled split (argmax of `ensemble_probabilities` at label
+    size), and each model's own (argmax of its upsampled logits, as `evaluate`), in one pass."""
+    conf = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    own = [torch.zeros_like(conf) for _ in models]
+    entropy_sum, own_entropy, pixels = 0.0, [0.0] * len(models), 0
+    for model in models:
+        model.eval()
+    for images, labels in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc=desc,
+                               disable=not progress, dynamic_ncols=True):
+        images = images.to(device)
+        size = tuple(labels.shape[-2:])
+        outputs = [model(images) for model in models]
+        probs = ensemble_probabilities(outputs, size)
+        entropy = normalised_entropy(probs)
+        entropy_sum += float(entropy.sum())
+        pixels += entropy.numel()
+        conf += confusion_matrix(probs.argmax(1).cpu(), labels, NUM_CLASSES)
+        for k, out in enumerate(outputs):
+            single = upsample(out.main.float(), size).softmax(1)
+            own_entropy[k] += float(normalised_entropy(single).sum())
+            own[k] += confusion_matrix(single.argmax(1).cpu(), labels, NUM_CLASSES)
+    return (Evaluation(conf, entropy_sum / max(pixels, 1)),
+            [Evaluation(c, e / max(pixels, 1)) for c, e in zip(own, own_entropy)])
+
+
+def ensemble_results(runner: RoundRunner, betas: list[float], inits: list[str]) -> tuple[dict, dict]:
+    """The multi-band ensemble (the paper's MBT result) and each band model on target val and
+    test: `{"val": summary, "test": summary, "bands": {beta: {"val_miou", "test_miou"}}}`, and
+    the ensemble's `validation_metrics` (the schema of a stage's `val`)."""
+    models = [runner.model(init) for init in inits]
+    params, target = runner.params, runner.job.prepared / "target"
+    result: dict = {"bands": {f"{b:g}": {} for b in betas}}
+    for split in ("val", "test"):
+        dataset = PreparedSplit(target, split, cache=False)
+        ensemble, bands = evaluate_ensemble(models, dataset, params.engine.eval_batch_size, runner.device,
+                                            runner.job.progress, f"fda: ensemble on target {split}")
+        result[split] = ensemble.summary()
+        if split == "val":
+            val_metrics = validation_metrics(ensemble)
+        for beta, band in zip(betas, bands):
+            result["bands"][f"{beta:g}"][f"{split}_miou"] = band.summary()["miou"]
+    return result, val_metrics
+
+
 def ensemble_pseudo_labels(runner: RoundRunner, inits: list[str]) -> tuple[dict, dict]:
-    """Argmax of the models' mean softmax; per class, pixels below the confidence of rank
-    `DEFAULT_CLASS_QUANTILE` (capped at `DEFAULT_THRESHOLD_CAP`) are ignored: FDA's rule, on
-    uint8-quantised confidences counted in histograms so no probability map is kept in memory."""
+    """`getSudoLabel_multi.py`: argmax of the models' mean softmax (`ensemble_probabilities`); per
+    predicted class, the confidence of rank round(0.66 n) among that class's n pixels of the whole
+    target train set (`fda.class_thresholds`), capped at 0.9; pixels below their class's threshold
+    are ignored. Confidences are kept in float32, as the rule ranks exact values."""
     models = [runner.model(init) for init in inits]
     size = runner.image_size
-    raw: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    histogram = 0
+    raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for ids, outputs in runner.predict(models, "fda: ensemble pseudo-labels"):
-        mean = fda_lib.multi_band_ensemble([probabilities(out, size) for out in outputs])
-        confidence, predicted = mean.max(1)
-        for sample_id, label, conf in zip(ids, predicted.cpu().numpy().astype(np.uint8),
-                                          quantise_confidence(confidence.cpu().numpy())):
+        confidence, predicted = ensemble_probabilities(outputs, size).max(1)
+        for sample_id, label, conf in zip(ids, predicted.to(torch.uint8).cpu(), confidence.cpu()):
             raw[sample_id] = (label, conf)
-            histogram = histogram + class_confidence_histogram(label, conf)
-    levels = class_balanced_thresholds(histogram, 1 - fda_lib.DEFAULT_CLASS_QUANTILE)
-    levels = np.minimum(levels, quantise_confidence(np.float64(fda_lib.DEFAULT_THRESHOLD_CAP)))
-    labels = {sid: apply_class_thresholds(label, conf, levels) for sid, (label, conf) in raw.items()}
+    thresholds = fda_lib.class_thresholds(torch.cat([label.reshape(-1) for label, _ in raw.values()]).long(),
+                                          torch.cat([conf.reshape(-1) for _, conf in raw.values()]),
+                                          NUM_CLASSES, fda_lib.DEFAULT_CLASS_QUANTILE,
+                                          fda_lib.DEFAULT_THRESHOLD_CAP)
+    labels = {sid: fda_lib.apply_class_thresholds(label.long(), conf, thresholds).to(torch.uint8).numpy()
+              for sid, (label, conf) in raw.items()}
     kept = float(np.mean([np.mean(label != IGNORE_INDEX) for label in labels.values()]))
-    return labels, {"images": len(labels), "labelled_pixels": kept}
+    return labels, {"images": len(labels), "labelled_pixels": kept,
+                    "thresholds": [round(float(t), 6) for t in thresholds]}
 
 
 def fda_rounds(runner: RoundRunner) -> dict:
@@ -282,7 +347,15 @@ def fda_rounds(runner: RoundRunner) -> dict:
     multi-band transfer averages *trained* FDA models (the paper trains each band, then the
     self-training round, to the end). Split four ways, every band model stops inside the dip that
     follows the switch to stylised inputs (target val 17 after 37 steps against 19 to 21 after
-    150 on the built-in data), and the ensemble of three such models labels worse than any one."""
+    150 on the built-in data), and the ensemble of three such models labels worse than any one.
+
+    The ensemble of the band models is evaluated on target val and test (`ensemble`, and MLflow
+    `fda_ensemble_*`): it is the paper's MBT number (`evaluation_multi.py`). Without the
+    self-training round (`self_training: false`) it is also the stage's headline `val` / `test`
+    (these keys of the returned extra replace the single selected model's in the stage metrics,
+    whose own scores stay under `ensemble.bands`). The self-training round (`SStrain.py`) starts
+    from the stage's init like the band models (`self_training_init: stage`) or from the trained
+    `beta` band (`band`), at `beta`."""
     fda = runner.params.methods.fda
     betas = list(fda.ensemble_betas)
     steps = runner.cfg.iterations
@@ -290,11 +363,18 @@ def fda_rounds(runner: RoundRunner) -> dict:
         name = f"beta-{beta:g}"
         spec = runner.round_spec(name, "fda", steps, source_and_target(), None, beta)
         runner.train(spec)
+    inits = [f"beta-{b:g}/best.pt" for b in betas]
+    results, val_metrics = ensemble_results(runner, betas, inits)
+    ensemble = {"betas": betas, **results}
+    runner.log({f"fda_ensemble_{split}_{key}": ensemble[split][key]
+                for split in ("val", "test") for key in ("miou", "pixel_accuracy")})
+    if not fda.self_training:
+        return {"ensemble": ensemble, "headline": "ensemble", "val": val_metrics, "test": ensemble["test"]}
     name = "self-training"
     saved = runner.labelled_before(name)
     if saved is None:
-        labels, report = ensemble_pseudo_labels(runner, [f"beta-{b:g}/best.pt" for b in betas])
-        own = f"beta-{fda.beta:g}/best.pt" if fda.beta in betas else None
+        labels, report = ensemble_pseudo_labels(runner, inits)
+        own = f"beta-{fda.beta:g}/best.pt" if fda.self_training_init == "band" else None
         data = source_and_target()
         data["pseudo"] = {"domain": "target", "ids": sorted(labels), "labels_dir": f"{name}/labels"}
         spec = runner.round_spec(name, "fda", steps, data, own, fda.beta)
@@ -303,7 +383,7 @@ def fda_rounds(runner: RoundRunner) -> dict:
         spec, report = Round(**saved["round"]), saved["report"]
     runner.log({"fda_pseudo_labelled_pixels": report["labelled_pixels"]})
     runner.train(spec)
-    return {"ensemble": {"betas": betas, **report}}
+    return {"ensemble": {**ensemble, **report}, "headline": "selected_round"}
 
 
 # -- LabOR ------------------------------------------------------------------------------------------

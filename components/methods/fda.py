@@ -16,8 +16,13 @@ Reference code followed (YanchaoYang/FDA on GitHub):
   `FDA_source_to_target_np` (the demo) fftshifts and swaps the centred (2b+1) x (2b+1) square,
   i.e. every frequency with |k_y| <= b and |k_x| <= b. `train.py` applies it to raw 0..255 images
   (mean subtraction comes after) and does not clip the result.
-- model `forward` / `EntropyLoss`: entropy / ln(19), then (ent**2 + 1e-8) ** ita, mean; ita = 2
-  by default (`options/train_options.py`), weight entW = 0.005.
+- `model/deeplab.py` `forward` (train phase): softmax of the classifier's logits at *their own*
+  (1/8) resolution, entropy / ln(19), then (ent**2 + 1e-8) ** ita, mean over those pixels; ita = 2
+  by default (`options/train_options.py`), weight entW = 0.005. `train.py` adds it on target
+  images when `i > switch2entropy` (README command: 0; options default 50000 of 150000 steps).
+- `SStrain.py` (the self-training round): source in target style (LB = 0.01) + cross-entropy on
+  the pseudo-labelled target images + entW x the entropy of *those same* predictions, from the
+  first step (no switch); no entropy term on the plain target batch, which only lends its style.
 - `getSudoLabel_multi.py`: the three beta models' softmax maps averaged with weights
   (0.3333, 0.3333, 0.3334); per predicted class the threshold is the confidence at index
   round(0.66 * n) of that class's sorted confidences over the whole target set, capped at 0.9;
@@ -177,9 +182,10 @@ def class_thresholds(labels: torch.Tensor, confidence: torch.Tensor, num_classes
     for c in range(num_classes):
         values = flat_conf[flat_labels == c]
         if values.numel():
-            values = values.sort().values
+            # sorted[index] without sorting; the reference indexes x[round(0.66 n)], which is out
+            # of range for n = 1 (an IndexError there): we take the last value instead
             index = min(round(values.numel() * quantile), values.numel() - 1)
-            thresholds[c] = values[index].cpu()
+            thresholds[c] = values.kthvalue(index + 1).values.cpu()
     return thresholds.clamp_max(cap)
 
 
@@ -224,9 +230,12 @@ class FDA(Method):
        amplitude (window `beta`, on the 0..255 scale as the reference, then normalised again).
     2. Cross-entropy of the stylised source batch against the source labels (main + aux).
     3. From step `entropy_start` on: `entropy_weight` x the Charbonnier entropy (`eta`) of the
-       target predictions (the reference switches it on after a third of training).
+       target predictions at the network's output resolution, as the reference's model computes
+       it (no upsampling first).
     4. Self-training round (`self_training`, role `pseudo` = target images with the multi-band
-       ensemble's pseudo-labels): + their cross-entropy (main + aux).
+       ensemble's pseudo-labels), as `SStrain.py`: + their cross-entropy (main + aux) +
+       `entropy_weight` x the Charbonnier entropy of those same predictions, from the first step;
+       the plain target batch then only lends its style (no entropy term of its own).
     A model per beta of `PAPER_BETAS`, averaged by `multi_band_ensemble`, gives the pseudo-labels
     of FDA's self-training round.
     """
@@ -243,7 +252,7 @@ class FDA(Method):
         self.add_segmenter(model, stage_cfg.optimizer)
 
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
-        from segshift.components.losses import segmentation_loss, upsample
+        from segshift.components.losses import segmentation_loss
         model = self.modules["model"]
         images, labels = batch["labelled"]
         target_images, _ = batch["unlabelled"]
@@ -253,16 +262,24 @@ class FDA(Method):
                                                   self.beta)).to(images.dtype)
         logs = segmentation_loss(model(stylised), labels, self.cfg.aux_weight)
         backward(logs["loss"])
-        if step >= self.fda.entropy_start and self.fda.entropy_weight > 0:
-            probs = upsample(model(target_images).main, tuple(target_images.shape[-2:])).float().softmax(1)
-            entropy = charbonnier_entropy(probs, self.fda.eta)
-            backward(self.fda.entropy_weight * entropy)
-            logs["entropy"] = entropy
-            logs["loss"] = logs["loss"] + self.fda.entropy_weight * entropy
+        weight = self.fda.entropy_weight
         if "pseudo" in self.roles:
+            # SStrain.py: loss_seg_psu + entW * loss_ent_psu, one forward, no entropy switch
             pseudo_images, pseudo_labels = batch["pseudo"]
-            pseudo = segmentation_loss(model(pseudo_images), pseudo_labels, self.cfg.aux_weight)["loss"]
-            backward(pseudo)
+            out = model(pseudo_images)
+            pseudo = segmentation_loss(out, pseudo_labels, self.cfg.aux_weight)["loss"]
+            total = pseudo
+            if weight > 0:
+                entropy = charbonnier_entropy(out.main.float().softmax(1), self.fda.eta)
+                total = total + weight * entropy
+                logs["entropy"] = entropy
+            backward(total)
             logs["pseudo"] = pseudo
-            logs["loss"] = logs["loss"] + pseudo
+            logs["loss"] = logs["loss"] + total
+        elif step >= self.fda.entropy_start and weight > 0:
+            # the reference's model takes the entropy of its logits at their own resolution
+            entropy = charbonnier_entropy(model(target_images).main.float().softmax(1), self.fda.eta)
+            backward(weight * entropy)
+            logs["entropy"] = entropy
+            logs["loss"] = logs["loss"] + weight * entropy
         return {name: value.detach() for name, value in logs.items()}

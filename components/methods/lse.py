@@ -6,24 +6,28 @@ upsampled back to full size) gives high-entropy, often wrong predictions, so the
 on the *full* image is a good pseudo-label for the *zoomed* patch. Training on such
 "scale-invariant examples" teaches the network to label an object the same whatever its size.
 
-One round (the orchestration lives in the method; these are its parts):
+One round (the orchestration lives in pipelines/rounds.py; these are its parts), as the authors'
+code does it (github.com/MNaseerSubhani/LSE, `LSE.py` at 357d607be129a2e89fd44adf232f0ec351d1f32f,
+`Base_Adaptation.class_wise_sort`, `Generate`, `train_adp` and the `__main__` loop):
 
-1. Score every target image per class (`class_confidence_scores`) and keep, per class, the share
-   p of the most confident images; the union is the round's set (`select_confident_images`).
-2. Predict each selected image at full size; its pixels whose entropy is above their predicted
-   class's threshold become IGNORE (`class_entropy_thresholds`, `select_pseudo_labels`). The
-   threshold is per class because entropy levels differ a lot between classes (road is always
-   surer than pole): a global cut would drop the rare classes first.
-3. Cut random crops of 1/scale the size, upsample them by `scale` together with the matching part
-   of the full-image pseudo-label (`scale_invariant_crop`; 4 crops per image in the reference).
-4. Train on them with cross-entropy + beta x a focal term (`lse_loss`; gamma = 3, beta = 0.1),
-   source cross-entropy kept.
-5. p grows each round (`share_schedule`: 0.1, +0.05 a round, up to 0.4 -> 7 rounds).
+1. Score every target image per class: the mean max-softmax of its pixels predicted as the class
+   (`class_confidence_scores`). Per class c, of the n_c images where c is predicted, keep the
+   `int(n_c * (p / 19))` most confident: the reference divides p by the number of classes, so
+   that the union over the 19 classes is about a share p of the data set (`images_per_class`);
+   the round's images are the union (`class_selection`, `select_confident_images`).
+2. Class c's entropy threshold comes from its *boundary image*, the most confident image of c
+   that was not kept: the mean, over that image's pixels predicted as c, of their entropy min-max
+   normalised over those pixels (`boundary_entropy_threshold`). A pixel of a kept image is
+   IGNORE when its entropy, min-max normalised per predicted class within its image, is >= its
+   class's threshold (`select_pseudo_labels`).
+3. Zoom: random crops of half the height and width (256x512 of 512x1024), upsampled 2x with the
+   same crop of the full-image pseudo-label (`scale_invariant_crop`; 4 crops per image).
+4. Loss: mean CE + beta x mean focal term on the zoomed examples (`lse_loss`; gamma 3, beta 0.1),
+   with the source cross-entropy, one backward each.
+5. p = 0.1, +0.05 a round, the last round at 0.4 (`share_schedule`: 7 rounds); every round
+   starts from the previous round's model.
 
-Checked against the authors' public code (github.com/MNaseerSubhani/LSE, `LSE.py`): the p schedule
-and the stop after 0.4, gamma = 3 / beta = 0.1, the focal term computed from the per-pixel
-cross-entropy (p_t = exp(-CE)), per-class min-max normalised entropy, half-size crops (256x512 of
-512x1024) upsampled bilinearly. Where this module differs, the docstring says so.
+Where this module differs from that code, the docstring of the function says so.
 
 Tensors are torch; pseudo-labels are integer maps with IGNORE_INDEX (255) for "no label".
 """
@@ -84,29 +88,50 @@ def class_confidence_scores(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(counts > 0, scores, torch.full_like(scores, float("nan")))
 
 
-def select_confident_images(scores: np.ndarray | torch.Tensor, share: float) -> list[int]:
-    """Indices (sorted) of the images that are among the `share` most confident for at least one
-    class: per class c, of the n_c images where c appears (non-NaN score), the ceil(share * n_c)
-    with the highest score; then the union over classes.
+def images_per_class(present: int, share: float, num_classes: int) -> int:
+    """How many of the `present` images where a class is predicted are kept for it: the
+    reference's `int(len(f_name_arrays) * (p / 19))` (floor), with 19 = `num_classes`. A class
+    predicted in fewer than num_classes / p images gets none (the reference drops it the same way).
+    """
+    return int(present * (share / num_classes))
 
-    Rounding up keeps at least one image for every class that appears anywhere, so a rare class is
-    never dropped from a round for being rare (the reference code floors len * p / 19, which keeps
-    no image at all for a class seen in few images; we follow the paper's "top p per class").
-    Ties are broken by the lower index, so the selection is deterministic.
+
+class ClassSelection(NamedTuple):
+    """The round's images (sorted indices) and, per class, its boundary image: the index of the
+    most confident image of the class that was not kept (None: the class is predicted nowhere, or
+    every image of it was kept)."""
+
+    images: list[int]
+    boundary: list[int | None]
+
+
+def class_selection(scores: np.ndarray | torch.Tensor, share: float) -> ClassSelection:
+    """Per class c, of the n_c images where c is predicted (non-NaN score), the
+    `images_per_class(n_c, share, C)` with the highest score; the union over classes, and each
+    class's boundary image (the next one in that order), from which its entropy threshold comes.
+
+    Ties are broken by the lower index (the reference sorts (score, file name) pairs and reverses,
+    so there the later file name comes first; equal float means are rare).
     """
     share = _check_share(share)
     scores = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"scores must be (N, C), got shape {scores.shape}")
+    num_classes = scores.shape[1]
     chosen: set[int] = set()
-    for c in range(scores.shape[1]):
+    boundary: list[int | None] = []
+    for c in range(num_classes):
         present = np.flatnonzero(~np.isnan(scores[:, c]))
-        if present.size == 0:
-            continue
-        keep = math.ceil(share * present.size - _EPS)
+        keep = images_per_class(present.size, share, num_classes)
         order = present[np.argsort(-scores[present, c], kind="stable")]
         chosen.update(int(i) for i in order[:keep])
-    return sorted(chosen)
+        boundary.append(int(order[keep]) if keep < order.size else None)
+    return ClassSelection(sorted(chosen), boundary)
+
+
+def select_confident_images(scores: np.ndarray | torch.Tensor, share: float) -> list[int]:
+    """Indices (sorted) of the round's images: `class_selection(scores, share).images`."""
+    return class_selection(scores, share).images
 
 
 # --- 2. class-specific dynamic entropy thresholds ---------------------------------------------
@@ -116,10 +141,10 @@ def normalise_entropy_per_class(entropy: torch.Tensor, predicted: torch.Tensor,
     """Min-max normalise the entropy of the pixels of each predicted class to [0, 1] (a class whose
     pixels all have the same entropy gets 0); pixels of no class (IGNORE) are left unchanged.
 
-    This is the normalisation of the reference code, applied to one image at a time there. It is a
-    monotone map inside each class, so it does not change which pixels `class_entropy_thresholds`
-    keeps when thresholds and selection use the same pixels; it makes entropy values comparable
-    across classes and images (for plots, or for thresholds carried from one image to another).
+    The reference's `ent_normalization`, applied to one image at a time (as there): the thresholds
+    are carried from a class's boundary image to the kept images, and this makes the entropies of
+    different images comparable. The reference divides 0 by 0 (NaN) where we give 0; see
+    `select_pseudo_labels` for why the kept pixels are the same.
     """
     _check_same_shape(entropy, predicted, "entropy and predicted")
     out = entropy.clone().float()
@@ -134,47 +159,67 @@ def normalise_entropy_per_class(entropy: torch.Tensor, predicted: torch.Tensor,
     return out
 
 
-def class_entropy_thresholds(entropy: torch.Tensor, predicted: torch.Tensor, share_p: float,
-                             num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """Per-class entropy thresholds (num_classes,) float32: for each class c, the entropy of the
-    k-th most confident (lowest-entropy) pixel predicted as c, k = ceil(share_p * n_c). A pixel of
-    class c is kept when its entropy is <= t_c, so exactly k pixels of c are kept when entropies do
-    not tie (the kept share is share_p to within one pixel); ties at t_c are all kept.
+REFERENCE_INITIAL_THRESHOLD = 1.0   # `entropy_th_class = np.ones((1, 19))` before any round
 
-    A class with no pixel gets -inf: nothing calibrates its threshold, so nothing of it is kept
-    (conservative; only matters when thresholds are applied to other pixels than they came from).
 
-    `entropy` and `predicted` have the same shape (any: one image or a stack); `predicted` holds
-    class ids, pixels >= num_classes (IGNORE) are not counted. Dynamic: recomputed every round
-    from the current model, with the round's share p. The reference code takes, per class, the
-    mean normalised entropy of that class in the image at the selection boundary; a quantile over
-    the selected pixels controls the kept share directly, which is what p is meant to control.
+def boundary_entropy_threshold(entropy: torch.Tensor, predicted: torch.Tensor, cls: int) -> float:
+    """Class `cls`'s entropy threshold from its boundary image (`entropy`, `predicted`: that one
+    image's per-pixel entropy and predicted classes): the mean of the entropies of the pixels
+    predicted as `cls`, min-max normalised over those pixels (`ent_normalization` then
+    `mean_class_se` in the reference). Any entropy that is an increasing affine map of the
+    reference's (such as `losses.normalised_entropy`, divided by log C) gives the same value.
+
+    Where those entropies are all equal (a single pixel, say) the reference divides 0 by 0: its
+    threshold is NaN, which then keeps every pixel of the class (`SE >= NaN` is false); this
+    returns +inf, which keeps them the same way. With no pixel of `cls` it returns the reference's
+    initial threshold, 1.0.
     """
-    share_p = _check_share(share_p, "share_p")
     _check_same_shape(entropy, predicted, "entropy and predicted")
-    entropy = entropy.detach().float().flatten()
-    predicted = predicted.detach().flatten()
-    thresholds = torch.full((num_classes,), float("-inf"), dtype=torch.float32, device=entropy.device)
-    for c in range(num_classes):
-        values = entropy[predicted == c]
-        if values.numel() == 0:
-            continue
-        k = max(1, math.ceil(share_p * values.numel() - _EPS))
-        thresholds[c] = torch.kthvalue(values, k).values
+    values = entropy.detach().double()[predicted == cls]
+    if values.numel() == 0:
+        return REFERENCE_INITIAL_THRESHOLD
+    low, high = values.min(), values.max()
+    if not float(high - low) > 0:
+        return float("inf")
+    return float(((values - low) / (high - low)).mean())
+
+
+def class_entropy_thresholds(boundary_images: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                             num_classes: int = NUM_CLASSES) -> torch.Tensor:
+    """(num_classes,) float32 thresholds: for each class given in `boundary_images`
+    (class -> (entropy, predicted) of its boundary image), `boundary_entropy_threshold`; the
+    others keep the reference's initial 1.0 (a class predicted nowhere has no pixel to filter)."""
+    thresholds = torch.full((num_classes,), REFERENCE_INITIAL_THRESHOLD, dtype=torch.float32)
+    for c, (entropy, predicted) in boundary_images.items():
+        if not 0 <= int(c) < num_classes:
+            raise ValueError(f"class {c!r} is outside 0..{num_classes - 1}")
+        thresholds[int(c)] = boundary_entropy_threshold(entropy, predicted, int(c))
     return thresholds
 
 
 def select_pseudo_labels(predicted: torch.Tensor, entropy: torch.Tensor,
                          thresholds: torch.Tensor) -> torch.Tensor:
-    """A copy of `predicted` (long) with IGNORE_INDEX where the pixel's entropy exceeds its
-    predicted class's threshold; pixels already IGNORE (any id >= len(thresholds)) stay IGNORE."""
+    """A copy of `predicted` (long; one image (H, W) or a stack (N, H, W)) with IGNORE_INDEX where
+    the pixel's entropy, min-max normalised per predicted class within its own image
+    (`normalise_entropy_per_class`), is >= its predicted class's threshold, the reference's rule
+    (`if SE >= entropy_th_class[argmax]: map_ = 0`). A class whose entropies are all equal in an
+    image normalises to 0 here (NaN in the reference, kept there): both keep it, since every
+    threshold is > 0. Pixels already IGNORE (any id >= len(thresholds)) stay IGNORE."""
     _check_same_shape(entropy, predicted, "entropy and predicted")
     if thresholds.dim() != 1:
         raise ValueError(f"thresholds must be (num_classes,), got {tuple(thresholds.shape)}")
+    if predicted.dim() not in (2, 3):
+        raise ValueError(f"predicted must be (H, W) or (N, H, W), got {tuple(predicted.shape)}")
     labels = predicted.long().clone()
-    valid = (labels >= 0) & (labels < thresholds.numel())
-    limit = thresholds.to(entropy.device, torch.float32)[labels.clamp(0, thresholds.numel() - 1)]
-    labels[~valid | (entropy.float() > limit)] = IGNORE_INDEX
+    stack = labels if labels.dim() == 3 else labels[None]
+    entropies = entropy if entropy.dim() == 3 else entropy[None]
+    num_classes = thresholds.numel()
+    limits = thresholds.to(entropy.device, torch.float32)
+    for image, values in zip(stack, entropies):
+        normalised = normalise_entropy_per_class(values.float(), image, num_classes)
+        valid = (image >= 0) & (image < num_classes)
+        limit = limits[image.clamp(0, num_classes - 1)]
+        image[~valid | (normalised >= limit)] = IGNORE_INDEX
     return labels
 
 
@@ -243,7 +288,11 @@ def scale_invariant_crop(image: torch.Tensor, pseudo_label: torch.Tensor, scale:
     where the output image pixel was sampled: crop and label stay pixel-aligned for any scale, not
     only integer ones. The reference code instead upsamples the softmax map bilinearly and takes its
     argmax (with align_corners=True); nearest on the hard label gives the same alignment and keeps
-    IGNORE pixels IGNORE instead of blending them into their neighbours.
+    IGNORE pixels IGNORE instead of blending them into their neighbours. (The reference also
+    upsamples its 0/1 keep-mask bilinearly and ignores only where the result is exactly 0, so a
+    zoomed pixel next to any kept source pixel is kept, labelled by the argmax of the upsampled
+    softmax; with hard labels saved per round there is no softmax to take it from, so IGNORE
+    source pixels stay IGNORE here: a one-source-pixel thinner labelled region at the borders.)
 
     `generator` makes the box reproducible; `box` (top, left, height, width) fixes it instead
     (its height/width must then be the crop size for this scale). A floating-point image keeps its

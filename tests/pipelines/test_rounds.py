@@ -78,6 +78,11 @@ def test_select_round_keeps_the_best_on_val_in_the_metrics_direction():
 
 def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeypatch):
     monkeypatch.chdir(project)
+    # the reference keeps int(n_c * p / 19) images per class: none of 6 target images; keep at least
+    # one per present class here so that the rounds have data (the rule is tested in test_lse.py)
+    from segshift.components.methods import lse as lse_lib
+    rule = lse_lib.images_per_class
+    monkeypatch.setattr(lse_lib, "images_per_class", lambda n, p, c: max(1, rule(n, p, c)) if n else 0)
     shares = {"methods.lse.share_start": 0.2, "methods.lse.share_step": 0.3, "methods.lse.share_max": 0.8,
               "methods.lse.crops_per_image": 2, "inter.method": "lse", "inter.iterations": 6}
     assert run(project, shares) == 0
@@ -120,9 +125,17 @@ def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeyp
                                      for r in (1, 2, 3))
 
     # another method setting: the rounds' checkpoints belong to the old one and train afresh
-    assert run(project, {**shares, "methods.lse.scale": 1.0}) == 0
+    assert run(project, {**shares, "methods.lse.gamma": 2.0}) == 0
     again = json.loads((project / "metrics" / "inter.json").read_text())
     assert again["resumed_from"] == 0 and metrics["resumed_from"] == 0
+
+
+def test_lse_refuses_a_zoom_other_than_2x_in_one_line(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert run(project, {"inter.method": "lse", "methods.lse.scale": 1.0}) != 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "methods.lse.scale = 1" in line)
+    assert "takes only 2.0" in line and "rank.class_balanced_share" in line
 
 
 def test_fda_ensemble_pseudo_labels_then_self_training(project, monkeypatch):
@@ -141,6 +154,95 @@ def test_fda_ensemble_pseudo_labels_then_self_training(project, monkeypatch):
     assert 0 < metrics["ensemble"]["labelled_pixels"] < 1   # per-class thresholds drop some pixels
     client, inter = inter_run(project)
     assert "pseudo" in inter.data.metrics                   # the self-training round's own loss
+    # the reference's SStrain.py starts from the band models' init (--init-weights), at LB = 0.01
+    saved = json.loads((stage_dir / "self-training" / "round.json").read_text())
+    assert saved["round"]["init"] is None and saved["round"]["beta"] == 0.01
+    # the multi-band ensemble itself is evaluated (the paper's MBT result) and logged
+    bands = _band_models(project, stage_dir)
+    for split in ("val", "test"):
+        assert metrics["ensemble"][split]["miou"] == pytest.approx(_ensemble_miou(project, bands, split), abs=1e-9)
+        assert f"fda_ensemble_{split}_miou" in inter.data.metrics
+    assert set(metrics["ensemble"]["bands"]) == {"0.01", "0.05", "0.09"}
+    assert metrics["headline"] == "selected_round"
+    # pseudo-labels: getSudoLabel_multi.py's rule on the exact averaged confidences
+    ids, labels, conf = _ensemble_train_predictions(project, bands)
+    expected = _reference_thresholds(labels, conf)
+    assert saved["report"]["thresholds"] == pytest.approx(expected, abs=1e-6)
+    for sample_id, label, c in zip(ids, labels, conf):
+        kept = label.copy()
+        kept[c < np.asarray(expected, np.float32)[label]] = IGNORE_INDEX
+        assert np.array_equal(read_label(stage_dir / "self-training" / "labels" / f"{sample_id}.png"), kept)
+
+
+def test_fda_without_self_training_reports_the_band_ensemble_as_the_stage_result(project, monkeypatch):
+    monkeypatch.chdir(project)
+    assert run(project, {"inter.method": "fda", "inter.iterations": 4,
+                         "methods.fda.ensemble_betas": [0.01, 0.05, 0.09],
+                         "methods.fda.self_training": False}) == 0
+    metrics = json.loads((project / "metrics" / "inter.json").read_text())
+    stage_dir = project / "checkpoints" / "inter"
+    miou = _ensemble_miou(project, _band_models(project, stage_dir), "test")
+    assert metrics["headline"] == "ensemble"
+    assert metrics["test"]["miou"] == pytest.approx(miou, abs=1e-9) == metrics["ensemble"]["test"]["miou"]
+    assert metrics["val"]["val_miou"] == metrics["ensemble"]["val"]["miou"]
+    assert metrics["selected_round"].startswith("beta-")     # the exported model: the best band
+    per_class = json.loads((project / "metrics" / "inter_per_class.json").read_text())
+    assert per_class                                          # the report's table is the ensemble's
+
+
+# -- FDA by hand: the reference's evaluation_multi.py / getSudoLabel_multi.py in numpy ---------------
+
+def _band_models(project: Path, stage_dir: Path) -> list:
+    from segshift.components.config import load_params
+    from segshift.pipelines.train import load_stage_model
+    params = load_params(project / "params.yaml")
+    return [load_stage_model(stage_dir / f"beta-{b}" / "best.pt", params).eval() for b in ("0.01", "0.05", "0.09")]
+
+
+def _mean_softmax(models, images: torch.Tensor, size) -> np.ndarray:
+    """Each model's softmax at its output size, their mean (1/3 each), bilinearly upsampled."""
+    with torch.no_grad():
+        mean = sum(m(images[None]).main.float().softmax(1) for m in models) / len(models)
+        mean = torch.nn.functional.interpolate(mean, size=size, mode="bilinear", align_corners=False)
+    return mean[0].numpy()
+
+
+def _ensemble_miou(project: Path, models, split: str) -> float:
+    from segshift.components.data.dataset import PreparedSplit
+    dataset = PreparedSplit(project / "prepared" / "target", split, cache=False)
+    hist = np.zeros((19, 19))
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        pred = _mean_softmax(models, image, tuple(label.shape)).argmax(0)
+        label = label.numpy()
+        keep = label != IGNORE_INDEX
+        hist += np.bincount(19 * label[keep].astype(int) + pred[keep], minlength=19 ** 2).reshape(19, 19)
+    union = hist.sum(0) + hist.sum(1) - np.diag(hist)
+    return float(np.mean(np.diag(hist)[union > 0] / union[union > 0]))
+
+
+def _ensemble_train_predictions(project: Path, models):
+    from segshift.components.data.dataset import PreparedSplit
+    dataset = PreparedSplit(project / "prepared" / "target", "train", need_labels=False)
+    labels, conf, ids = [], [], [row["sample_id"] for row in dataset.rows]
+    for i in range(len(dataset)):
+        image, _ = dataset[i]
+        mean = _mean_softmax(models, image, tuple(image.shape[-2:]))
+        labels.append(mean.argmax(0))
+        conf.append(mean.max(0))
+    return ids, np.stack(labels), np.stack(conf)
+
+
+def _reference_thresholds(labels: np.ndarray, conf: np.ndarray) -> list[float]:
+    thres = []
+    for i in range(19):
+        x = conf[labels == i]
+        if len(x) == 0:
+            thres.append(0.0)
+            continue
+        x = np.sort(x)
+        thres.append(float(x[min(int(np.round(len(x) * 0.66)), len(x) - 1)]))
+    return [min(t, 0.9) for t in thres]
 
 
 @pytest.mark.parametrize("selection", ["spl", "ppl"])

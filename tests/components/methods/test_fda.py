@@ -237,3 +237,77 @@ def test_class_thresholds_errors():
         class_thresholds(torch.zeros(3, dtype=torch.long), torch.zeros(3), 19, quantile=1.5)
     with pytest.raises(ValueError, match="differ"):
         class_thresholds(torch.zeros(3, dtype=torch.long), torch.zeros(4), 19)
+
+
+# -- the training step against YanchaoYang/FDA's model/deeplab.py, train.py and SStrain.py -----------
+
+def _fda_method(tmp_path, self_training=False, **overrides):
+    from segshift.components.config import load_params
+    from segshift.components.methods.fda import FDA
+    from segshift.components.models.factory import build_model
+    from tests.conftest import write_params
+    params = load_params(write_params(tmp_path), {"model.width": 0.125, "inter.method": "fda", **overrides})
+    torch.manual_seed(0)
+    return FDA(build_model(params.model), params.inter, params.methods.fda, self_training=self_training)
+
+
+def _fda_batch(self_training=False):
+    torch.manual_seed(1)
+    labels = torch.randint(0, 19, (2, 32, 64))
+    batch = {"labelled": (torch.randn(2, 3, 32, 64), labels),
+             "unlabelled": (torch.randn(2, 3, 32, 64), torch.empty(0))}
+    if self_training:
+        batch["pseudo"] = (torch.randn(2, 3, 32, 64), torch.randint(0, 19, (2, 32, 64)))
+    return batch
+
+
+def _run_step(method, batch, step):
+    """One step; returns its logs, the number of backward calls and every forward's (input, main)."""
+    seen, calls = [], []
+    method.modules["model"].register_forward_hook(
+        lambda module, args, out: seen.append((args[0].detach(), out.main.detach())))
+
+    def backward(loss):
+        calls.append(loss)
+        loss.backward()
+    return method.training_step(batch, step, backward), len(calls), seen
+
+
+def test_entropy_is_taken_at_the_network_output_resolution_as_the_reference_model(tmp_path):
+    # model/deeplab.py: softmax of layer5's logits at their own (1/8) size, no upsampling first
+    method = _fda_method(tmp_path, **{"methods.fda.entropy_start": 0})
+    batch = _fda_batch()
+    logs, _, seen = _run_step(method, batch, step=0)
+    target_input, target_main = seen[-1]
+    assert torch.equal(target_input, batch["unlabelled"][0])
+    assert target_main.shape[-2:] != target_input.shape[-2:]          # a low-resolution output
+    expected = charbonnier_entropy(target_main.float().softmax(1), 2.0)
+    torch.testing.assert_close(logs["entropy"], expected, rtol=1e-6, atol=0)
+    upsampled = torch.nn.functional.interpolate(target_main, size=(32, 64), mode="bilinear", align_corners=False)
+    assert not torch.isclose(charbonnier_entropy(upsampled.softmax(1), 2.0), expected, rtol=1e-4, atol=0)
+
+
+def test_self_training_step_takes_the_entropy_of_the_pseudo_predictions_from_the_first_step(tmp_path):
+    # SStrain.py: loss_seg_src + (loss_seg_psu + entW * loss_ent_psu), no switch2entropy, and no
+    # entropy (nor forward) of the plain target batch, which only lends its style to the source
+    method = _fda_method(tmp_path, self_training=True, **{"methods.fda.entropy_start": 10_000})
+    batch = _fda_batch(self_training=True)
+    logs, calls, seen = _run_step(method, batch, step=0)
+    assert len(seen) == 2 and calls == 2                               # stylised source, pseudo
+    pseudo_input, pseudo_main = seen[1]
+    assert torch.equal(pseudo_input, batch["pseudo"][0])
+    expected = charbonnier_entropy(pseudo_main.float().softmax(1), 2.0)
+    torch.testing.assert_close(logs["entropy"], expected, rtol=1e-6, atol=0)
+    seg = logs["seg_main"] + method.cfg.aux_weight * logs["seg_aux0"]
+    assert logs["loss"] == pytest.approx((seg + logs["pseudo"] + 0.005 * expected).item(), rel=1e-5)
+
+
+def test_class_thresholds_follow_the_reference_index_not_a_kept_share():
+    # getSudoLabel_multi.py: x = sort(probs of class c); thres = x[round(len(x) * 0.66)]
+    conf = torch.arange(1, 11, dtype=torch.float32) / 20                # 0.05 .. 0.50, n = 10
+    t = class_thresholds(torch.zeros(10, dtype=torch.long), conf, num_classes=2)
+    # index round(6.6) = 7 -> 0.40: 3 pixels kept (a "keep the top 34 %" rule keeps ceil(3.4) = 4)
+    torch.testing.assert_close(t, torch.tensor([0.40, 0.0]))
+    assert int((apply_class_thresholds(torch.zeros(10, dtype=torch.long), conf, t) == 0).sum()) == 3
+    # n = 1: the reference's x[round(0.66)] = x[1] is out of range; we take the only value
+    torch.testing.assert_close(class_thresholds(torch.tensor([1]), torch.tensor([0.7]), 2), torch.tensor([0.0, 0.7]))

@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.methods.lse import (
     CropBox,
+    boundary_entropy_threshold,
     class_confidence_scores,
     class_entropy_thresholds,
+    class_selection,
+    images_per_class,
     lse_loss,
     normalise_entropy_per_class,
     scale_invariant_crop,
@@ -32,84 +35,65 @@ def _hand_made():
     return predicted, entropy
 
 
-def test_thresholds_are_the_per_class_quantile_of_the_most_confident_pixels():
-    predicted, entropy = _hand_made()
-    t = class_entropy_thresholds(entropy, predicted, share_p=0.5, num_classes=3)
-    assert t.shape == (3,) and t.dtype == torch.float32
-    assert t[0].item() == pytest.approx(0.5)      # 5th lowest of 0.1..1.0
-    assert t[1].item() == pytest.approx(0.3)      # 2nd lowest of 0.5, 0.05, 0.3, 0.9
-    assert t[2].item() == float("-inf")           # never predicted: nothing calibrates it
+def test_threshold_is_the_mean_normalised_entropy_of_the_class_in_its_boundary_image():
+    # the authors' rule (LSE.py, class_wise_sort): min-max normalise the entropy of each predicted
+    # class's pixels in the boundary image, the threshold of class c is the mean over c's pixels
+    predicted = torch.tensor([[0, 0, 0, 1], [1, 1, 2, 0]])
+    entropy = torch.tensor([[0.2, 0.4, 1.0, 0.3], [0.5, 0.9, 0.7, 0.6]])
+    # class 0: 0.2 0.4 1.0 0.6 -> 0 .25 1 .5 -> 0.4375; class 1: 0.3 0.5 0.9 -> 0 1/3 1 -> 4/9
+    assert boundary_entropy_threshold(entropy, predicted, 0) == pytest.approx(0.4375)
+    assert boundary_entropy_threshold(entropy, predicted, 1) == pytest.approx(4 / 9)
+    assert boundary_entropy_threshold(entropy, predicted, 2) == float("inf")   # one pixel: 0/0 keeps all
+    assert boundary_entropy_threshold(entropy, predicted, 3) == 1.0            # reference's initial value
+    # any increasing affine map of the entropy (log base, / log C) gives the same thresholds
+    assert boundary_entropy_threshold(2.5 * entropy + 0.1, predicted, 1) == pytest.approx(4 / 9)
+    t = class_entropy_thresholds({0: (entropy, predicted), 1: (entropy, predicted)}, num_classes=4)
+    assert t.dtype == torch.float32 and t.tolist() == pytest.approx([0.4375, 4 / 9, 1.0, 1.0])
+    with pytest.raises(ValueError, match="class 5"):
+        class_entropy_thresholds({5: (entropy, predicted)}, num_classes=4)
 
 
-def test_selection_filters_exactly_the_expected_pixels():
-    predicted, entropy = _hand_made()
-    t = class_entropy_thresholds(entropy, predicted, share_p=0.5, num_classes=3)
-    labels = select_pseudo_labels(predicted, entropy, t)
+def test_pixels_reaching_the_threshold_after_per_image_normalisation_are_ignored():
     x = IGNORE_INDEX
-    expected = torch.tensor([[0, x, 0, x, 0, 0, x, 0],
-                             [x, x, x, 1, 1, x, x, x]])
-    assert torch.equal(labels, expected)
-    assert labels.dtype == torch.long
-    assert torch.equal(predicted, _hand_made()[0])        # input untouched
+    predicted = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 255]])
+    entropy = torch.tensor([[0.5, 0.6, 0.7, 0.9, 0.6, 0.7, 0.95, 0.0]])
+    # normalised: class 0 -> 0 .25 .5 1, class 1 -> 0 1, class 2 (one pixel) -> 0
+    t = torch.tensor([0.4375, 4 / 9, float("inf")])
+    labels = select_pseudo_labels(predicted, entropy, t)
+    assert torch.equal(labels, torch.tensor([[0, 0, x, x, 1, x, 2, x]]))
+    assert labels.dtype == torch.long and torch.equal(predicted, torch.tensor([[0, 0, 0, 0, 1, 1, 2, 255]]))
+    # ">=": a pixel exactly at the threshold is ignored (the reference's `SE >= th -> 0`)
+    at = select_pseudo_labels(predicted, entropy, torch.tensor([0.5, 0.5, 0.5]))
+    assert torch.equal(at, torch.tensor([[0, 0, x, x, 1, x, 2, x]]))
+    # a class whose entropies are all equal in the image is kept (NaN in the reference, kept there)
+    flat = select_pseudo_labels(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), 0.8), torch.tensor([0.1]))
+    assert (flat == 0).all()
 
 
-def test_small_share_keeps_at_least_the_most_confident_pixel_of_each_class():
-    predicted, entropy = _hand_made()
-    labels = select_pseudo_labels(predicted, entropy, class_entropy_thresholds(entropy, predicted, 0.01, 3))
-    kept = (labels != IGNORE_INDEX).nonzero().tolist()
-    assert kept == [[0, 0], [1, 3]]                 # entropy 0.1 (class 0) and 0.05 (class 1)
+def test_a_stack_is_normalised_image_by_image():
+    predicted = torch.zeros(2, 1, 2, dtype=torch.long)
+    entropy = torch.tensor([[[0.1, 0.2]], [[0.8, 0.9]]])
+    labels = select_pseudo_labels(predicted, entropy, torch.tensor([0.5]))
+    x = IGNORE_INDEX
+    assert torch.equal(labels, torch.tensor([[[0, x]], [[0, x]]]))      # over the stack: [[0, 0]], [[x, x]]
+    assert torch.equal(labels[1], select_pseudo_labels(predicted[1], entropy[1], torch.tensor([0.5])))
 
 
-@pytest.mark.parametrize("share", [0.1, 0.25, 0.37, 0.5, 0.9, 1.0])
-def test_kept_share_per_class_is_p_within_one_pixel(share):
-    gen = torch.Generator().manual_seed(3)
-    predicted = torch.randint(0, 19, (2, 40, 60), generator=gen)
-    predicted[0, :5] = IGNORE_INDEX
-    entropy = torch.rand(2, 40, 60, generator=gen)  # continuous: no ties
-    labels = select_pseudo_labels(predicted, entropy, class_entropy_thresholds(entropy, predicted, share))
-    for c in range(19):
-        n = int((predicted == c).sum())
-        kept = int((labels == c).sum())
-        assert share * n <= kept < share * n + 1, (c, n, kept)
-        # the kept ones are the lowest-entropy ones of their class
-        if 0 < kept < n:
-            assert entropy[labels == c].max() < entropy[(predicted == c) & (labels != c)].min()
-    assert (labels[0, :5] == IGNORE_INDEX).all()
-    assert ((labels == predicted) | (labels == IGNORE_INDEX)).all()
-
-
-def test_ties_at_the_threshold_are_all_kept():
-    predicted = torch.zeros(1, 6, dtype=torch.long)
-    entropy = torch.tensor([[0.2, 0.5, 0.5, 0.5, 0.9, 0.1]])
-    labels = select_pseudo_labels(predicted, entropy, class_entropy_thresholds(entropy, predicted, 0.5, 1))
-    assert (labels != IGNORE_INDEX).sum().item() == 5    # k = 3 -> t = 0.5, three pixels tie at it
-
-
-def test_per_class_normalisation_is_min_max_and_does_not_change_the_selection():
+def test_per_class_normalisation_is_min_max():
     predicted, entropy = _hand_made()
     normalised = normalise_entropy_per_class(entropy, predicted, num_classes=3)
     assert normalised[predicted == 0].min().item() == 0 and normalised[predicted == 0].max().item() == 1
     assert normalised[0, 4].item() == pytest.approx((0.5 - 0.1) / 0.9)
     assert normalised[1, 3].item() == 0.0 and normalised[1, 5].item() == pytest.approx(1.0)
     assert torch.equal(normalised[predicted == 255], entropy[predicted == 255])
-    raw = select_pseudo_labels(predicted, entropy, class_entropy_thresholds(entropy, predicted, 0.4, 3))
-    norm = select_pseudo_labels(predicted, normalised, class_entropy_thresholds(normalised, predicted, 0.4, 3))
-    assert torch.equal(raw, norm)
     constant = normalise_entropy_per_class(torch.full((2, 2), 0.7), torch.zeros(2, 2, dtype=torch.long), 1)
     assert torch.equal(constant, torch.zeros(2, 2))
-
-
-@pytest.mark.parametrize("share", [0, -0.1, 1.01, float("nan")])
-def test_bad_share_is_refused_naming_the_value(share):
-    predicted, entropy = _hand_made()
-    with pytest.raises(ValueError, match="share_p"):
-        class_entropy_thresholds(entropy, predicted, share)
 
 
 def test_shape_mismatches_are_refused():
     predicted, entropy = _hand_made()
     with pytest.raises(ValueError, match="differ in shape"):
-        class_entropy_thresholds(entropy[:, :4], predicted, 0.5)
+        boundary_entropy_threshold(entropy[:, :4], predicted, 0)
     with pytest.raises(ValueError, match="differ in shape"):
         select_pseudo_labels(predicted, entropy[:1], torch.zeros(19))
     with pytest.raises(ValueError, match="num_classes"):
@@ -132,17 +116,55 @@ def test_class_confidence_is_the_mean_max_softmax_of_the_class_pixels():
     assert scores[1, 2].item() == pytest.approx(0.8)
 
 
-def test_confident_images_are_the_top_share_per_class_united():
+def test_images_per_class_is_the_reference_floor_of_n_times_p_over_19():
+    assert images_per_class(2975, 0.1, 19) == 15      # Cityscapes road, round 1
+    assert images_per_class(2975, 0.4, 19) == 62
+    assert images_per_class(400, 0.1, 19) == 2
+    assert images_per_class(189, 0.1, 19) == 0        # rarer than 19 / p images: none (as the reference)
+
+
+def test_confident_images_per_class_follow_the_reference_rule_with_boundaries():
     nan = float("nan")
-    scores = np.array([[0.9, nan], [0.8, nan], [0.7, 0.2], [0.6, nan], [0.5, nan], [0.4, 0.1]])
-    # class 0 in 6 images: ceil(0.3 * 6) = 2 -> images 0, 1; class 1 in 2 images: ceil(0.6) = 1 -> image 2
-    assert select_confident_images(scores, 0.3) == [0, 1, 2]
-    assert select_confident_images(scores, 1.0) == [0, 1, 2, 3, 4, 5]
-    assert select_confident_images(torch.tensor(scores), 0.1) == [0, 2]
-    ties = np.array([[0.5], [0.5], [0.5]])
-    assert select_confident_images(ties, 0.5) == [0, 1]      # ties: lower index first
+    scores = np.full((400, 19), nan)
+    scores[:, 0] = np.arange(400) / 1000               # in all 400: int(400 * 0.1 / 19) = 2 -> 399, 398
+    scores[:200, 1] = 1 - np.arange(200) / 1000        # in 200: int(1.05) = 1 -> image 0
+    scores[200:350, 2] = np.arange(200, 350) / 1000    # in 150: int(0.79) = 0 -> none
+    selection = class_selection(scores, 0.1)
+    assert selection.images == [0, 398, 399]
+    # the boundary image (threshold source) is the most confident one not kept
+    assert selection.boundary == [397, 1, 349] + [None] * 16
+    assert select_confident_images(torch.tensor(scores), 0.1) == [0, 398, 399]
+    ties = np.full((57, 19), nan)
+    ties[:, 0] = 0.5
+    assert class_selection(ties, 1.0) == ([0, 1, 2], [3] + [None] * 18)   # int(57 / 19) = 3, lower index first
     with pytest.raises(ValueError, match="share = 0"):
         select_confident_images(scores, 0)
+
+
+def test_selection_and_thresholds_from_a_tiny_confidence_map():
+    # 40 images of 1 x 4 pixels, 2 classes (p / 2): class 0 on pixels 0-2 of every image, class 1 on
+    # pixel 3 of images 0-19; image i's class-0 confidences rise with i
+    probs = torch.zeros(40, 2, 1, 4)
+    for i in range(40):
+        for j, conf in enumerate((0.60 + 0.005 * i, 0.70 + 0.005 * i, 0.55 + 0.002 * i)):
+            probs[i, :, 0, j] = torch.tensor([conf, 1 - conf])
+        if i < 20:
+            probs[i, :, 0, 3] = torch.tensor([0.1 + 0.01 * i, 0.9 - 0.01 * i])
+        else:
+            probs[i, :, 0, 3] = torch.tensor([0.95, 0.05])
+    selection = class_selection(class_confidence_scores(probs), 0.2)
+    # class 0: int(40 * 0.1) = 4 -> images 36..39 (the mean is largest for i >= 20, pixel 3 at 0.95);
+    # class 1: int(20 * 0.1) = 2 -> images 0, 1; boundaries 35 and 2
+    assert selection.images == [0, 1, 36, 37, 38, 39]
+    assert selection.boundary == [35, 2]
+    predicted = probs.argmax(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+    t = class_entropy_thresholds({c: (entropy[i], predicted[i]) for c, i in enumerate(selection.boundary)}, 2)
+    # image 35, class 0: confidences .775 .875 .62 .95 -> binary entropies, min-max, mean
+    h = lambda q: -(q * math.log(q) + (1 - q) * math.log(1 - q))
+    e = [h(0.775), h(0.875), h(0.62), h(0.95)]
+    assert t[0].item() == pytest.approx(np.mean([(v - min(e)) / (max(e) - min(e)) for v in e]), abs=1e-5)
+    assert t[1].item() == float("inf")                  # class 1 has one pixel in image 2
 
 
 # --- the growing share ----------------------------------------------------------------------------
@@ -311,3 +333,24 @@ def test_low_resolution_logits_are_upsampled_and_all_ignored_gives_zero_with_a_g
 def test_bad_loss_arguments_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lse_loss(torch.zeros(1, 19, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), **kwargs)
+
+
+def test_the_reference_crop_is_half_the_size_zoomed_2x():
+    image = torch.arange(8 * 16, dtype=torch.float32).view(1, 8, 16)
+    label = torch.arange(8 * 16).view(8, 16) % 19
+    example = scale_invariant_crop(image, label, generator=torch.Generator().manual_seed(0))
+    assert (example.box.height, example.box.width) == (4, 8)          # 256x512 of 512x1024
+    assert example.image.shape == image.shape and example.label.shape == label.shape
+    crop = label[example.box.top:example.box.top + 4, example.box.left:example.box.left + 8]
+    assert torch.equal(example.label, crop.repeat_interleave(2, 0).repeat_interleave(2, 1))   # each 2x2
+
+
+def test_lse_config_refuses_any_zoom_but_the_reference_2x():
+    from pydantic import ValidationError
+    from segshift.components.config import LseConfig
+    good = dict(share_start=0.1, share_step=0.05, share_max=0.4, scale=2.0, crops_per_image=4, gamma=3.0,
+                beta=0.1, target_weight=1.0)
+    assert LseConfig(**good).scale == 2.0
+    for scale in (1.0, 1.5, 3.0):
+        with pytest.raises(ValidationError, match=r"methods\.lse\.scale = .*takes only 2\.0.*class_balanced_share"):
+            LseConfig(**{**good, "scale": scale})

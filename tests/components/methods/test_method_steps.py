@@ -134,30 +134,6 @@ def test_lse_step_trains_on_aligned_scale_invariant_crops(tmp_path):
                                           + logs["target"]).item(), rel=1e-5)
 
 
-def test_lse_at_scale_one_trains_each_full_image_once_with_the_loss_and_gradient_of_the_copies(tmp_path):
-    from segshift.components.methods.lse import LSE, lse_loss
-    params = _params(tmp_path, **{"methods.lse.scale": 1.0})
-    torch.manual_seed(0)
-    method = LSE(build_model(params.model), params.source, params.methods.lse, seed=0)
-    images, pseudo = _batch()["labelled"]
-    crops, labels = method.scale_invariant_batch(images, pseudo, step=3)
-    assert torch.equal(crops, images) and torch.equal(labels, pseudo)   # not 4 copies of each
-    model = method.modules["model"]
-
-    def loss_and_grads(x, y):
-        model.zero_grad()
-        loss = lse_loss(model(x).main, y, params.methods.lse.gamma, params.methods.lse.beta)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    copies = params.methods.lse.crops_per_image
-    assert copies > 1
-    once, once_grads = loss_and_grads(crops, labels)
-    copied, copied_grads = loss_and_grads(images.repeat_interleave(copies, 0), pseudo.repeat_interleave(copies, 0))
-    assert once == pytest.approx(copied.item(), rel=1e-5)
-    for a, b in zip(once_grads, copied_grads):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
-
-
 def test_pixel_selector_step_routes_the_discrepancy_game(tmp_path):
     from segshift.components.methods.labor import PixelSelectorTraining, TwoHeadSegmenter
     params = _params(tmp_path)
