@@ -317,11 +317,17 @@ class DomainConfig(_Strict):
     resize: tuple[Side, Side] | None  # [width, height] of prepared images; null keeps native size
     # Share of the train split held out as a validation split when the dataset has none.
     val_fraction: Float = Field(ge=0.0, le=0.5)
+    # Target only: also keep the reported split's labels at native resolution (Cityscapes val,
+    # 2048x1024) and score test predictions there, logits upsampled bilinearly (ADVENT eval_UDA.py).
+    full_resolution_labels: Bool = False
 
     @model_validator(mode="after")
     def _root_matches_kind(self) -> "DomainConfig":
         if self.kind == "builtin" and self.root is not None:
             raise ValueError("root must be null when kind is 'builtin'")
+        if self.kind == "builtin" and self.full_resolution_labels:
+            raise ValueError("full_resolution_labels must be false when kind is 'builtin' "
+                             "(built-in labels are generated at their only resolution)")
         if self.kind == "builtin" and self.resize is not None:
             raise ValueError("resize must be null when kind is 'builtin' "
                              "(the size comes from prepare.builtin.height/width)")
@@ -344,6 +350,9 @@ class PrepareConfig(_Strict):
         if self.target.kind in ("gta5", "synthia"):
             raise ValueError(f"target.kind '{self.target.kind}' is a synthetic source dataset; "
                              "use 'cityscapes' or 'builtin' as target")
+        if self.source.full_resolution_labels:
+            raise ValueError("source.full_resolution_labels must be false: only the target is "
+                             "evaluated (set target.full_resolution_labels)")
         return self
 
 
@@ -362,7 +371,38 @@ class ModelConfig(_Strict):
     rates: list[Rate] = Field(min_length=1, max_length=MAX_RATES)
     aux_head: Bool                           # auxiliary head (DeepLab: on layer3)
     frozen_bn: Bool                          # keep BatchNorm statistics and affine fixed
+    # The backbone's BatchNorm. train: plain BN (learns its affine, batch statistics in train mode);
+    # frozen: stored statistics and affine, always (= frozen_bn: true); reference: ADVENT's
+    # deeplabv2.py, affine frozen (requires_grad False) but batch statistics in train mode, running
+    # statistics updated (momentum 0.1) and used in eval mode. null: as frozen_bn says.
+    batchnorm: Literal["train", "frozen", "reference"] | None = None
+    # Dilated layer3/layer4 (DeepLab-v2). torchvision: the first block of each keeps the previous
+    # rate (layer3.0: 1, layer4.0: 2); reference: every block at the stage's rate (2 / 4), as ADVENT.
+    dilation: Literal["torchvision", "reference"] = "torchvision"
+    # The classes the head predicts: cityscapes19 (19 outputs) | synthia16 (16 outputs: no terrain,
+    # truck, train; those pixels are ignored in training and evaluation, as the SYNTHIA reference)
+    classes: Literal["cityscapes19", "synthia16"] = "cityscapes19"
     pretrained: str | None                   # torchvision-format ImageNet weights: path or s3://
+
+    @property
+    def batchnorm_mode(self) -> str:
+        """The BatchNorm mode in effect: `batchnorm`, or from `frozen_bn` when that is null."""
+        return self.batchnorm or ("frozen" if self.frozen_bn else "train")
+
+    @property
+    def num_classes(self) -> int:
+        """The head's output count under `classes`."""
+        return {"cityscapes19": 19, "synthia16": 16}[self.classes]
+
+    @model_validator(mode="after")
+    def _options_fit_together(self) -> "ModelConfig":
+        if self.frozen_bn and self.batchnorm not in (None, "frozen"):
+            raise ValueError(f"model.frozen_bn: true contradicts model.batchnorm: {self.batchnorm} "
+                             "(frozen_bn true means batchnorm frozen); set frozen_bn false")
+        if self.dilation == "reference" and self.name != "deeplabv2":
+            raise ValueError(f"model.dilation: reference is DeepLab-v2's dilated backbone; model.name: "
+                             f"{self.name} has no dilated stages (use dilation: torchvision)")
+        return self
 
 
 class CalibrateConfig(_Strict):
@@ -543,14 +583,19 @@ class LseConfig(_Strict):
 
 
 class LaborConfig(_Strict):
-    """LabOR (Shin et al. 2021): an annotator labels only the pixels two classifier heads disagree on."""
+    """LabOR (Shin et al. 2021): an annotator labels only the pixels two classifier heads disagree on.
+    Budgets are the paper's and count all stages together."""
 
     selection: Literal["spl", "ppl"]         # segment-based (whole inconsistent regions) or point-based
-    label_budget: Float = Field(gt=0, le=1)  # most target pixels labelled over all stages (share, 0-1]
-    points_per_image: Int = Field(ge=1, le=100_000)  # ppl: labelled points per image and stage (ref. 40)
-    stages: Int = Field(ge=1, le=MAX_ROUNDS)  # human-in-the-loop rounds (ref. 3)
+    label_budget: Float = Field(gt=0, le=1)  # spl: most target pixels labelled per image, all stages (ref. ~0.022)
+    points_per_image: Int = Field(ge=1, le=100_000)  # ppl: labelled points per image, all stages (ref. 40)
+    stages: Int = Field(ge=1, le=MAX_ROUNDS)  # human-in-the-loop rounds
     discrepancy_weight: LossWeight           # MCD: heads maximise, backbone minimises the L1 discrepancy
     selector_iterations: Iterations          # pixel-selector training steps per stage
+    # model A before the first labelling: AdaptSegNet steps (source CE + output-space adversarial
+    # loss, the stage's adv_weight_*) from the stage's init, as the paper's UDA model A;
+    # 0 = stage 1 starts from the stage's init unadapted (segshift's earlier behaviour)
+    adapt_iterations: Int = Field(ge=0, le=MAX_ITERATIONS)
     annotator: Literal["oracle", "files"]    # oracle: target ground truth; files: a person's label PNGs
     annotations: str                         # files: <annotations>/stage-<k>/requests|labels/<id>.png
 
@@ -782,6 +827,16 @@ class Params(_Strict):
                 key = "entropy_weight_aux" if cfg.method == "minent" else "adv_weight_aux"
                 raise ValueError(f"{stage}.{key} = {aux} adapts a second output level, but "
                                  "model.aux_head is false (one output); set it to 0 or enable the head")
+        return self
+
+    @model_validator(mode="after")
+    def _class_protocol_fits_the_source(self) -> "Params":
+        # synthia16 drops terrain, truck and train: a source that labels them would lose them.
+        kind = self.prepare.source.kind
+        if self.model.classes == "synthia16" and kind not in ("synthia", "builtin"):
+            raise ValueError(f"model.classes: synthia16 is the SYNTHIA protocol (no terrain, truck, train) "
+                             f"but prepare.source.kind is {kind}, which labels all 19 classes; "
+                             "use model.classes: cityscapes19")
         return self
 
 

@@ -1,9 +1,21 @@
-"""Evaluating a segmentation network on a labelled split: confusion matrix, IoU, entropy."""
+"""Evaluating a segmentation network on a labelled split: confusion matrix, IoU, entropy.
+
+Resolution: the main logits are upsampled (bilinear) to the label's size before the argmax. A
+dataset whose samples carry a native-resolution label (`has_full_labels` / `full_label(i)`, e.g.
+Cityscapes val kept at 2048x1024 by `prepare.target.full_resolution_labels`) is scored against
+that label instead, as ADVENT's eval_UDA.py does: the network still runs on the prepared
+(1024x512) image, its logits are upsampled bilinearly (align_corners=True, as the reference's
+nn.Upsample) straight to the full label's size, and the argmax and confusion are taken there.
+That path works one image at a time (19x1024x2048 float logits are 160 MB), so memory stays
+bounded whatever the batch size. Without full labels nothing changes.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -27,17 +39,89 @@ class Evaluation:
         return out
 
 
+def has_full_labels(dataset: Dataset) -> bool:
+    """Whether `dataset` offers native-resolution labels (`full_label(i)`) to score against."""
+    return bool(getattr(dataset, "has_full_labels", False)) and hasattr(dataset, "full_label")
+
+
+class _WithFullLabels(Dataset):
+    """(image, label, native-resolution label) per sample of a dataset with `full_label(i)`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, label = self.dataset[index]
+        return image, label, self.dataset.full_label(index)
+
+
+def _collate_full(batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    images, labels, full = zip(*batch)
+    return torch.stack(images), torch.stack(labels), list(full)   # full labels: a list (sizes may differ)
+
+
+def _loader(dataset: Dataset, batch_size: int, loader_workers: int, full: bool) -> DataLoader:
+    if not full:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
+    return DataLoader(_WithFullLabels(dataset), batch_size=batch_size, shuffle=False,
+                      num_workers=loader_workers, collate_fn=_collate_full)
+
+
+def upsample_to_full(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, h, w) logits to a full-resolution label's (H, W): bilinear, align_corners=True, as
+    ADVENT's eval_UDA.py (`nn.Upsample(size=(label H, label W), mode='bilinear', align_corners=True)`)."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _score_per_sample(logits: torch.Tensor, labels: torch.Tensor, full_labels: list[torch.Tensor],
+                      image_size: torch.Size, num_classes: int
+                      ) -> Iterator[tuple[torch.Tensor | None, float, int]]:
+    """(confusion or None, entropy sum, pixels) per sample of a batch, one image at a time.
+
+    A sample with a native-resolution label is scored at that label's size (logits upsampled with
+    `upsample_to_full`); one without, exactly as the batched path (logits upsampled to its label).
+    """
+    for i, full in enumerate(full_labels):
+        if full.numel():
+            probs = upsample_to_full(logits[i:i + 1], full.shape[-2:]).softmax(1)
+            target = full[None]
+        else:
+            target = labels[i:i + 1] if labels.numel() else None
+            size = target.shape[-2:] if target is not None else image_size
+            probs = upsample(logits[i:i + 1], size).softmax(1)
+        entropy = normalised_entropy(probs)
+        conf = None if target is None else confusion_matrix(probs.argmax(1).cpu(), target, num_classes)
+        yield conf, float(entropy.sum()), entropy.numel()
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
              num_classes: int = NUM_CLASSES, progress: bool = False, desc: str = "evaluate") -> Evaluation:
-    """Predict every sample (logits upsampled to label size) and accumulate the confusion matrix."""
+    """Predict every sample (logits upsampled to label size) and accumulate the confusion matrix.
+
+    Samples with a native-resolution label are scored at that resolution (see the module doc)."""
     was_training = model.training
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     entropy_sum, pixels = 0.0, 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    full = has_full_labels(dataset)
+    loader = _loader(dataset, batch_size, 0, full)
     try:
-        for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+            if full:
+                images, labels, full_labels = batch
+                logits = model(images.to(device)).main.float()
+                for sample_conf, sample_entropy, sample_pixels in _score_per_sample(
+                        logits, labels, full_labels, images.shape[-2:], num_classes):
+                    entropy_sum += sample_entropy
+                    pixels += sample_pixels
+                    if sample_conf is not None:
+                        conf += sample_conf
+                continue
+            images, labels = batch
             images = images.to(device)
             size = labels.shape[-2:] if labels.numel() else images.shape[-2:]
             probs = upsample(model(images).main.float(), size).softmax(1)
@@ -78,7 +162,8 @@ def evaluate_by_group(model: nn.Module, dataset: Dataset, groups: list[str | Non
     """`evaluate`, with the confusion and mean entropy also kept per group of samples.
 
     `groups[i]` names the group of `dataset[i]` (None: no group). Same conventions as `evaluate`:
-    main logits upsampled to the label size, argmax prediction, ignore pixels left out.
+    main logits upsampled to the label size (the native-resolution label's, where a sample has
+    one), argmax prediction, ignore pixels left out.
     """
     if len(groups) != len(dataset):
         raise ValueError(f"{len(groups)} group names for {len(dataset)} samples")
@@ -88,10 +173,24 @@ def evaluate_by_group(model: nn.Module, dataset: Dataset, groups: list[str | Non
     pixels = dict.fromkeys(order, 0)
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
+    full = has_full_labels(dataset)
+    loader = _loader(dataset, batch_size, loader_workers, full)
     offset = 0
     try:
-        for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+        for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+            if full:
+                images, labels, full_labels = batch
+                logits = model(images.to(device)).main.float()
+                batch_groups = groups[offset:offset + len(images)]
+                offset += len(images)
+                scores = _score_per_sample(logits, labels, full_labels, images.shape[-2:], num_classes)
+                for group, (sample_conf, sample_entropy, sample_pixels) in zip(batch_groups, scores):
+                    entropy_sum[group] += sample_entropy
+                    pixels[group] += sample_pixels
+                    if sample_conf is not None:
+                        conf[group] += sample_conf
+                continue
+            images, labels = batch
             images = images.to(device)
             size = labels.shape[-2:] if labels.numel() else images.shape[-2:]
             probs = upsample(model(images).main.float(), size).softmax(1)

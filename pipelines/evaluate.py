@@ -13,6 +13,11 @@ also keeps one confusion matrix per built-in target `condition`. Outputs:
 - an MLflow stage run `evaluate` with `test_miou_<stage>`, `test_gap_closed_<stage>`, ... and
   all of the above as artifacts.
 
+Test samples that carry a native-resolution label (`prepare.target.full_resolution_labels`:
+Cityscapes val kept at 2048x1024) are scored at that resolution, logits upsampled bilinearly
+before the argmax, as ADVENT's eval_UDA.py (components/evaluation.py); the MLflow metric
+`test_images_full_resolution` counts them.
+
 Every input (the prepared target test split, every model file and its architecture) is checked
 before anything is evaluated.
 """
@@ -234,6 +239,7 @@ def evaluate_stages(params: Params, project_dir: Path, progress: bool = True) ->
         files = write_outputs(params, project_dir, summary)
         tracker.log_metrics(tracked_metrics(summary))
         tracker.log_metrics({"test_images": len(test), "seconds": time.perf_counter() - start,
+                             "test_images_full_resolution": sum(bool(r.get("label_full")) for r in test.rows),
                              **{f"test_images_{c}": groups.count(c) for c in conditions}})
         for path in files.values():
             tracker.log_artifact(path, STAGE)

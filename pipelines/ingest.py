@@ -10,6 +10,7 @@ import functools
 import os
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,16 +62,20 @@ class IngestReport:
 
 def ingest(kind: str, root: str, out_dir: str | Path, resize: Size | None, *, max_pixels: int,
            strict: bool = True, workers: int = 1, endpoint_url: str | None = None,
-           progress: bool = True) -> IngestReport:
+           progress: bool = True, full_label_splits: Collection[str] = ()) -> IngestReport:
     """Convert the raw dataset `kind` at `root` (local path or s3://bucket/prefix) into `out_dir`.
 
-    `resize` is (width, height) or None for the native size. With `strict` any bad sample is an
+    `resize` is (width, height) or None for the native size. The labelled samples of the dataset's
+    own splits in `full_label_splits` (e.g. Cityscapes "val", the reported split) also keep their
+    label at native resolution when `resize` changes it: labels_full/<split>/<id>.png, the
+    manifest's `label_full`, which evaluation scores against. With `strict` any bad sample is an
     IngestError naming the file; otherwise bad samples are skipped and listed in skipped.csv.
     An image or label claiming more than `max_pixels` pixels is a bad sample, refused undecoded.
     """
     started = time.perf_counter()
     check_kind(kind)
     size = _checked_size(resize)
+    full_splits = _checked_splits(full_label_splits)
     if workers < 1:
         raise IngestError(f"workers must be >= 1, got {workers}")
     dataset_root = open_root(root, endpoint_url=endpoint_url)
@@ -85,7 +90,7 @@ def ingest(kind: str, root: str, out_dir: str | Path, resize: Size | None, *, ma
 
     with atomic_directory(out_path, writer=f"segshift ingest {kind}") as tmp:
         records, bad = _convert_all(discovery.samples, dataset_root, tmp, size, strict, workers, progress,
-                                    max_pixels)
+                                    max_pixels, full_splits)
         skipped += bad
         if not records:
             raise _nothing_prepared_error(kind, dataset_root, skipped)
@@ -107,6 +112,13 @@ def _checked_size(resize: Size | None) -> Size | None:
     return width, height
 
 
+def _checked_splits(splits: Collection[str]) -> frozenset[str]:
+    unknown = sorted(set(splits) - {"train", "val", "test"})
+    if unknown:
+        raise IngestError(f"full-resolution label split(s) {unknown} unknown; expected train, val or test")
+    return frozenset(splits)
+
+
 def _refuse_overwriting_root(root: DatasetRoot, out_path: Path) -> None:
     # The finished output replaces OUT wholesale: OUT containing ROOT would delete the raw data.
     if not isinstance(root, LocalRoot):
@@ -119,9 +131,10 @@ def _refuse_overwriting_root(root: DatasetRoot, out_path: Path) -> None:
 
 
 def _convert_all(samples: list[RawSample], root: DatasetRoot, tmp: Path, size: Size | None, strict: bool,
-                 workers: int, progress: bool, max_pixels: int) -> tuple[list[SampleRecord], list[SkippedSample]]:
+                 workers: int, progress: bool, max_pixels: int,
+                 full_splits: frozenset[str] = frozenset()) -> tuple[list[SampleRecord], list[SkippedSample]]:
     worker = functools.partial(convert_sample, root=root, out_dir=str(tmp), size=size, strict=strict,
-                               max_pixels=max_pixels)
+                               max_pixels=max_pixels, full_label_splits=full_splits)
     records: list[SampleRecord] = []
     skipped: list[SkippedSample] = []
     for result in parallel_map(worker, samples, workers=workers, desc="ingest", progress=progress):
@@ -160,6 +173,10 @@ def build_ingest_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
                         help="refuse any image or label larger than N pixels, before decoding it "
                              "(default: %(default)s, params.yaml's prepare.max_image_pixels)")
+    parser.add_argument("--full-resolution-labels", dest="full_label_splits", action="append",
+                        choices=("train", "val", "test"), default=[], metavar="SPLIT",
+                        help="also keep this split's labels at native resolution (labels_full/), "
+                             "for scoring at full resolution as ADVENT does; repeatable, e.g. val")
     parser.add_argument("--endpoint-url", default=None,
                         help="S3 endpoint (default: boto3's, e.g. from AWS_ENDPOINT_URL)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,6 +200,7 @@ def run_ingest_command(args: argparse.Namespace) -> int:
     """Run `segshift ingest`; IngestError/StorageError (ValueErrors) propagate to the CLI's handler."""
     report = ingest(args.kind, args.root, args.out, resize=resolve_size(args.kind, args.resize, args.no_resize),
                     max_pixels=args.max_image_pixels, strict=args.strict, workers=args.workers,
-                    endpoint_url=args.endpoint_url, progress=not args.quiet)
+                    endpoint_url=args.endpoint_url, progress=not args.quiet,
+                    full_label_splits=args.full_label_splits)
     print(report.summary())
     return 0

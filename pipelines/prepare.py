@@ -28,11 +28,20 @@ class PrepareReport:
     seconds: float = 0.0
 
 
+def full_label_splits(cfg: DomainConfig, role: str) -> tuple[str, ...]:
+    """The dataset's own splits whose labels ingest keeps at native resolution: with
+    `full_resolution_labels`, those that become the reported test split (Cityscapes val)."""
+    if not cfg.full_resolution_labels or role != "target":
+        return ()
+    return ("val",) if cfg.kind == "cityscapes" else ()
+
+
 def _prepare_real_domain(cfg: DomainConfig, role: str, out_dir: Path, params: Params,
                          progress: bool) -> None:
     p = params.prepare
     ingest(cfg.kind, cfg.root, out_dir, resize=cfg.resize, max_pixels=p.max_image_pixels, strict=p.strict,
-           workers=p.workers, endpoint_url=params.storage.s3_endpoint_url, progress=progress)
+           workers=p.workers, endpoint_url=params.storage.s3_endpoint_url, progress=progress,
+           full_label_splits=full_label_splits(cfg, role))
     table = read_manifest(out_dir)
     if cfg.kind == "cityscapes" and role == "target":
         table = cityscapes_roles(table, cfg.val_fraction, p.builtin.seed)

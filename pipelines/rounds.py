@@ -526,10 +526,12 @@ def selector_from(path: Path, runner: RoundRunner) -> labor_lib.TwoHeadSegmenter
     return selector.to(runner.device).eval()
 
 
-def select_pixels(runner: RoundRunner, selector_path: Path, revealed: dict[str, np.ndarray],
-                  share: float, desc: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per target image: the selector's inconsistency mask (pixels already labelled removed) and
-    the pixels SPL / PPL ask for within `share` of the image."""
+def select_pixels(runner: RoundRunner, selector_path: Path, asked_before: dict[str, np.ndarray],
+                  stages_left: int, points: int, desc: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per target image: the selector's inconsistency mask (pixels asked for in earlier stages
+    removed: an answer, void included, is not asked for twice) and the pixels this stage asks for. SPL: the mask, capped per image at its share of
+    `label_budget` left over `stages_left` stages (`spl_stage_share`), most uncertain pixels
+    first; PPL: `points` prototype points (this stage's part of `points_per_image`)."""
     labor = runner.params.methods.labor
     selector, size = selector_from(selector_path, runner), runner.image_size
     masks, asked = {}, {}
@@ -538,14 +540,20 @@ def select_pixels(runner: RoundRunner, selector_path: Path, revealed: dict[str, 
         probs_b = upsample(out.b.float(), size).softmax(1)
         mask = labor_lib.inconsistency_mask(probs_a, probs_b).cpu().numpy()
         for k, sample_id in enumerate(ids):
-            if sample_id in revealed:
-                mask[k] &= revealed[sample_id] == IGNORE_INDEX
+            if sample_id in asked_before:
+                mask[k] &= ~asked_before[sample_id]
         if labor.selection == "spl":
-            chosen = labor_lib.segment_based_selection(
-                mask, share, labor_lib.pixel_discrepancy(probs_a, probs_b).cpu().numpy())
+            discrepancy = labor_lib.pixel_discrepancy(probs_a, probs_b).cpu().numpy()
+            chosen = np.zeros_like(mask)
+            for k, sample_id in enumerate(ids):
+                known = int(asked_before[sample_id].sum()) if sample_id in asked_before else 0
+                share = labor_lib.spl_stage_share(labor.label_budget, mask[k].size, known, stages_left)
+                if share > 0:
+                    chosen[k] = labor_lib.segment_based_selection(mask[k], share, discrepancy[k])
+        elif points > 0:
+            chosen = labor_lib.prototype_point_selection(mask, ((probs_a + probs_b) / 2).cpu().numpy(), points)
         else:
-            chosen = labor_lib.prototype_point_selection(mask, ((probs_a + probs_b) / 2).cpu().numpy(),
-                                                         labor.points_per_image)
+            chosen = np.zeros_like(mask)
         for k, sample_id in enumerate(ids):
             masks[sample_id] = mask[k]
             if chosen[k].any():
@@ -579,23 +587,64 @@ def labor_picture(runner: RoundRunner, masks: dict, asked: dict, revealed: dict,
         runner.tracker.log_artifact(out, "labor")
 
 
-def check_budget(annotator, asked: dict[str, np.ndarray], labor) -> None:
-    """PPL's clicks are counted per image, not per pixel: they must still fit the label budget."""
+def check_budget(annotator, asked: dict[str, np.ndarray], asked_before: dict[str, np.ndarray], labor) -> None:
+    """The paper's budgets, checked before anything is revealed: SPL at most `label_budget` of the
+    target pixels over all stages; PPL at most `points_per_image` points per image over all stages
+    (its budget is clicks, not a share of the pixels)."""
+    if labor.selection == "ppl":
+        for sample_id, mask in asked.items():
+            known = int(asked_before[sample_id].sum()) if sample_id in asked_before else 0
+            if known + int(mask.sum()) > labor.points_per_image:
+                raise StageInputError(f"methods.labor: image {sample_id} would get {known + int(mask.sum())} "
+                                      f"points, over points_per_image = {labor.points_per_image} in all stages")
+        return
     asking = sum(int(mask.sum()) for mask in asked.values()) / annotator.total_pixels
     if annotator.revealed_share + asking > labor.label_budget + 1e-9:
         raise StageInputError(
             f"methods.labor: this stage asks for {100 * asking:.2f} % of target pixels on top of "
-            f"{100 * annotator.revealed_share:.2f} % revealed, over label_budget = {labor.label_budget}; "
-            "lower points_per_image or raise the budget")
+            f"{100 * annotator.revealed_share:.2f} % revealed, over label_budget = {labor.label_budget}")
+
+
+def labor_warmup(runner: RoundRunner) -> str | None:
+    """Model A as in the paper: a UDA model, adapted adversarially (AdaptSegNet's output-space
+    discriminator) before the first pixels are chosen. The `adapt` round trains the stage's init
+    for `adapt_iterations` steps with the labor-model step on source + target images none of
+    whose pixels is revealed yet (all IGNORE): source cross-entropy + the adversarial loss. Its
+    model starts stage 1; it is not a candidate for the stage's model (it has seen no labels).
+    None (0 steps): stage 1 starts from the stage's init, segshift's earlier behaviour."""
+    labor = runner.params.methods.labor
+    if labor.adapt_iterations == 0:
+        return None
+    name = "adapt"
+    saved = runner.labelled_before(name)
+    if saved is None:
+        shape = runner.image_size
+        ids = [row["sample_id"] for row in runner.target_train.rows]
+        blank = {sample_id: np.full(shape, IGNORE_INDEX, np.uint8) for sample_id in ids}
+        runner.need_images(name, ids)
+        spec = runner.round_spec(name, "labor-model", labor.adapt_iterations,
+                                 source_and_target(f"{name}/labels", sorted(ids), "annotated"), None)
+        runner.save_round(spec, {"iterations": labor.adapt_iterations}, runner.write_labels(name, blank))
+    else:
+        spec = Round(**saved["round"])
+    runner.train(spec)
+    runner.candidates = [c for c in runner.candidates if c[0] != name]
+    return f"{name}/best.pt"
 
 
 def labor_rounds(runner: RoundRunner) -> dict:
-    """Runs the labelling stages; returns the annotator's books, for the stage's metrics."""
+    """Runs the labelling stages; returns the annotator's books, for the stage's metrics.
+
+    Budgets, as the paper's (all stages together): SPL at most `label_budget` (2.2 %) of each
+    target image's pixels, PPL `points_per_image` (40) points per image, split over the stages
+    (`points_per_stage`: 14, 13, 13)."""
     labor = runner.params.methods.labor
     annotator = build_annotator(runner)
     revealed: dict[str, np.ndarray] = {}
-    init = None
+    asked_before: dict[str, np.ndarray] = {}      # every pixel asked for so far (the labelling cost)
+    init = labor_warmup(runner)
     model_steps = split_iterations(runner.cfg.iterations, labor.stages)
+    stage_points = labor_lib.points_per_stage(labor.points_per_image, labor.stages)
     for k in range(1, labor.stages + 1):
         stage = f"stage-{k}"
         annotator.start_stage(stage)
@@ -610,11 +659,13 @@ def labor_rounds(runner: RoundRunner) -> dict:
         else:
             spec = Round(**saved["round"])
         selector_job, _ = runner.train(spec)
-        masks, asked = select_pixels(runner, selector_job.checkpoint_dir / "best.pt", revealed,
-                                     labor.label_budget / labor.stages, f"labor {stage}: selection")
+        masks, asked = select_pixels(runner, selector_job.checkpoint_dir / "best.pt", asked_before,
+                                     labor.stages - k + 1, stage_points[k - 1], f"labor {stage}: selection")
         ids = sorted(asked)
-        check_budget(annotator, asked, labor)
+        check_budget(annotator, asked, asked_before, labor)
         merge_revealed(revealed, ids, annotator.reveal(ids, [asked[i] for i in ids]))
+        for sample_id in ids:
+            asked_before[sample_id] = asked_before.get(sample_id, np.zeros_like(asked[sample_id])) | asked[sample_id]
         labor_picture(runner, masks, asked, revealed, stage)
         book = annotator.ledger[-1]
         runner.log({"labor_labelled_share": annotator.revealed_share, "labor_stage_pixels": book["pixels"],
@@ -625,6 +676,12 @@ def labor_rounds(runner: RoundRunner) -> dict:
         runner.save_round(spec, book, runner.write_labels(stage, revealed))
         runner.train(spec)
         init = f"{stage}/best.pt"
+    most_points = max((int(m.sum()) for m in asked_before.values()), default=0)   # asked, void included
+    budget = ({"label_budget": labor.label_budget, "unit": "share of target pixels, all stages"}
+              if labor.selection == "spl" else
+              {"points_per_image": labor.points_per_image, "points_per_stage": stage_points,
+               "unit": "points per image, all stages"})
     return {"labels": {"share": annotator.revealed_share, "annotator": labor.annotator,
                        "selection": labor.selection, "budget": labor.label_budget,
-                       "stages": annotator.ledger}}
+                       "allowance": budget, "most_pixels_per_image": most_points,
+                       "adapt_iterations": labor.adapt_iterations, "stages": annotator.ledger}}

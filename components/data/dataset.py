@@ -77,6 +77,10 @@ class PreparedSplit(Dataset):
 
     `ids` keeps only those samples, in that order; `label_paths` (sample id -> absolute path)
     replaces their labels, e.g. with pseudo-labels.
+
+    A sample may also have a native-resolution label (the manifest's optional `label_full`):
+    indexing never returns it (training and batching see the prepared size only); evaluation reads
+    it with `full_label(i)` when `has_full_labels`.
     """
 
     def __init__(self, prepared_dir: str | Path, split: str, need_labels: bool = True,
@@ -89,8 +93,8 @@ class PreparedSplit(Dataset):
         if ids is not None:
             rows = _select(rows, ids, f"{self.root}: split '{split}'")
         if label_paths is not None:
-            rows = [{**r, "label": str(label_paths[r["sample_id"]])} if r["sample_id"] in label_paths
-                    else r for r in rows]
+            rows = [{**r, "label": str(label_paths[r["sample_id"]]), "label_full": None}
+                    if r["sample_id"] in label_paths else r for r in rows]
         if not rows:
             raise ManifestError(f"{self.root}: split '{split}' is empty")
         if need_labels and any(r["label"] is None for r in rows):
@@ -108,6 +112,18 @@ class PreparedSplit(Dataset):
     @property
     def sizes(self) -> set[tuple[int, int]]:
         return {(r["height"], r["width"]) for r in self.rows}
+
+    @property
+    def has_full_labels(self) -> bool:
+        """Whether any sample has a native-resolution label to score against."""
+        return self.need_labels and any(r.get("label_full") for r in self.rows)
+
+    def full_label(self, index: int) -> torch.Tensor:
+        """Sample `index`'s native-resolution label as (H, W) int64; empty when it has none."""
+        path = self.rows[index].get("label_full") if self.need_labels else None
+        if not path:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.from_numpy(read_label(self.root / path).astype(np.int64))
 
     def _load(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         row = self.rows[i]

@@ -311,12 +311,17 @@ class ConvertedSample:
 
     image: np.ndarray          # (H, W, 3) uint8 RGB
     label: np.ndarray | None   # (H, W) uint8 train ids; None when unlabelled
+    # The train ids at the native resolution, kept (on request) only when `label` was resized.
+    label_full: np.ndarray | None = None
 
 
-def load_sample(sample: RawSample, root: DatasetRoot, size: Size | None, max_pixels: int) -> ConvertedSample:
+def load_sample(sample: RawSample, root: DatasetRoot, size: Size | None, max_pixels: int,
+                keep_full_label: bool = False) -> ConvertedSample:
     """Read and decode one raw sample into train ids at `size`; raises IngestError naming the file.
 
-    Images larger than `max_pixels` and labels that are not PNG are refused before decoding."""
+    With `keep_full_label`, a label that `size` changes is also returned at its native resolution
+    (`label_full`, the unresized train ids), for scoring at full resolution as the reference works
+    do. Images larger than `max_pixels` and labels that are not PNG are refused before decoding."""
     image_name = root.describe(sample.image)
     try:
         checked_id(sample.sample_id, "sample id")   # it becomes the prepared file's name
@@ -330,7 +335,9 @@ def load_sample(sample: RawSample, root: DatasetRoot, size: Size | None, max_pix
     ids = decode_label_ids(label_data, sample.label_encoding, label_name)
     check_same_size(image, ids, image_name, label_name)
     train_ids = label_to_train_ids(ids, sample.label_encoding, label_name)
-    return ConvertedSample(resize_image(image, size), resize_label(train_ids, size))
+    label = resize_label(train_ids, size)
+    full = train_ids if keep_full_label and label.shape != train_ids.shape else None
+    return ConvertedSample(resize_image(image, size), label, full)
 
 
 def _checked(data: bytes, name: str, max_pixels: int, label: bool = False) -> bytes:
@@ -350,15 +357,24 @@ def prepared_paths(sample: RawSample) -> tuple[str, str | None]:
     return image, label
 
 
+def full_label_path(sample: RawSample) -> str:
+    """Path of the native-resolution label kept beside the resized one, relative to the output."""
+    return f"labels_full/{sample.split}/{sample.sample_id}.png"
+
+
 def write_converted(sample: RawSample, converted: ConvertedSample, out_dir: Path) -> SampleRecord:
     image_rel, label_rel = prepared_paths(sample)
     _write(out_dir / image_rel, encode_image_png(converted.image))
     if label_rel is not None and converted.label is not None:
         _write(out_dir / label_rel, encode_label_png(converted.label))
+    full_rel = None
+    if label_rel is not None and converted.label_full is not None:
+        full_rel = full_label_path(sample)
+        _write(out_dir / full_rel, encode_label_png(converted.label_full))
     height, width = converted.image.shape[:2]
     return SampleRecord(sample_id=sample.sample_id, dataset=sample.dataset, domain=sample.domain,
                         split=sample.split, image=image_rel, label=label_rel,
-                        height=int(height), width=int(width))
+                        height=int(height), width=int(width), label_full=full_rel)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -368,14 +384,18 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def convert_sample(sample: RawSample, *, root: DatasetRoot, out_dir: str, size: Size | None,
-                   strict: bool, max_pixels: int) -> SampleRecord | SkippedSample:
+                   strict: bool, max_pixels: int,
+                   full_label_splits: frozenset[str] = frozenset()) -> SampleRecord | SkippedSample:
     """Convert one sample into `out_dir` (a worker function: module level, picklable arguments).
 
+    A labelled sample of a split in `full_label_splits` whose label `size` resizes also keeps its
+    label at native resolution (labels_full/<split>/<id>.png, the manifest's `label_full`).
     A bad sample raises IngestError when `strict`, else it is returned as a SkippedSample.
     Storage failures always raise: they are not a property of the sample.
     """
     try:
-        converted = load_sample(sample, root, size, max_pixels)
+        converted = load_sample(sample, root, size, max_pixels,
+                                keep_full_label=sample.split in full_label_splits)
     except IngestError as error:
         if strict:
             raise

@@ -24,6 +24,12 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("width", pa.int32(), nullable=False),
     pa.field("condition", pa.string(), nullable=True),    # built-in target only: weather/light
 ])
+# Optional: the label at the dataset's native resolution, kept beside the resized `label` for the
+# evaluation split(s) when `prepare.target.full_resolution_labels` is on (labels_full/<split>/<id>.png);
+# null for every other sample. A manifest without this column (all older ones, and every manifest
+# written with the option off) reads as if the column were all null.
+LABEL_FULL_FIELD = pa.field("label_full", pa.string(), nullable=True)
+PATH_COLUMNS = ("sample_id", "image", "label", LABEL_FULL_FIELD.name)
 
 DOMAINS = ("source", "target")
 SPLITS = ("train", "val", "test")
@@ -40,6 +46,7 @@ class SampleRecord:
     height: int
     width: int
     condition: str | None = None
+    label_full: str | None = None   # native-resolution label (relative path), see LABEL_FULL_FIELD
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,13 @@ class ManifestError(ValueError):
 
 def write_manifest(records: list[SampleRecord], out_dir: Path) -> Path:
     rows = sorted((asdict(r) for r in records), key=lambda r: (r["split"], r["sample_id"]))
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    schema = MANIFEST_SCHEMA
+    if any(row[LABEL_FULL_FIELD.name] is not None for row in rows):
+        schema = schema.append(LABEL_FULL_FIELD)
+    else:   # no full-resolution label: the manifest stays exactly as before the column existed
+        for row in rows:
+            del row[LABEL_FULL_FIELD.name]
+    table = pa.Table.from_pylist(rows, schema=schema)
     path = out_dir / MANIFEST_NAME
     pq.write_table(table, path)
     return path
@@ -82,7 +95,9 @@ def read_manifest(prepared_dir: str | Path) -> pa.Table:
 
 def _check_paths_stay_inside(table: pa.Table, path: Path) -> None:
     """A manifest from a remote or a colleague names files to read: each must lie below its folder."""
-    for column in ("sample_id", "image", "label"):
+    for column in PATH_COLUMNS:
+        if column not in table.column_names:    # label_full is optional
+            continue
         for value in table.column(column).to_pylist():
             if value is None:
                 continue

@@ -11,14 +11,19 @@ paper, human in the loop):
    Where the heads still disagree, the features are ambiguous: that is where labels help.
 2. Inconsistency mask M: the pixels where the two heads' argmax differ (`inconsistency_mask`).
 3. Labelling, by an `Annotator` (the `OracleAnnotator` in experiments, a person in production):
-   - SPL, segment-based: every pixel of M (about 2.2 % of the pixels in the paper);
-     `segment_based_selection` also caps it at a label budget, most uncertain pixels first.
-   - PPL, point-based: a few points per image (about 40 in the paper). The paper picks, per class
+   - SPL, segment-based: every pixel of M (about 2.2 % of the pixels in the paper, all stages
+     together); `segment_based_selection` also caps it at a label budget, most uncertain pixels
+     first, and `spl_stage_share` spreads 2.2 % of each image over the stages.
+   - PPL, point-based: 40 points per image in the paper, all stages together here
+     (`points_per_stage`: 14 + 13 + 13 over 3 stages). The paper picks, per class
      k, a prototype (the mean probability vector of the uncertain pixels predicted as k) and
      labels the pixels whose probabilities are closest to it (`prototype_point_selection`);
      `point_based_selection` is a spatial variant: one point per connected inconsistent region,
      where the heads disagree most.
-4. A is trained on source + the revealed target pixels (cross-entropy), adversarial loss kept.
+4. A is trained on source + the revealed target pixels (cross-entropy), AdaptSegNet's output-space
+   adversarial loss kept (`AnnotatedTargetTraining`); before stage 1 it is adapted with that loss
+   alone (the pipeline's `adapt` round), so the first selection starts from a UDA model as in the
+   paper.
 
 Sign convention of the discrepancy for the training step (d = `head_discrepancy(p_a, p_b)` >= 0,
 on target images, p_* the softmax maps of the two heads):
@@ -47,6 +52,8 @@ import torch
 from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX
+from segshift.components.losses import upsample
+from segshift.components.methods.advent import OutputSpaceAdaptation
 from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
 from segshift.components.models.base import SegOutput
 
@@ -55,9 +62,35 @@ HEAD_ATTRIBUTES = ("layer6", "head")
 #: Auxiliary heads B does not need (DeepLabV2's layer3 head, BiSeNet's stride-16/32 heads).
 AUX_ATTRIBUTES = ("layer5", "aux16", "aux32")
 
-REFERENCE_SPL_SHARE = 0.022     # the inconsistency mask covered about 2.2 % of the pixels
-REFERENCE_PPL_POINTS = 40       # points per image
+REFERENCE_SPL_SHARE = 0.022     # SPL: about 2.2 % of the target pixels labelled, all stages together
+REFERENCE_PPL_POINTS = 40       # PPL: 40 labelled points per image, all stages together
 REFERENCE_STAGES = 3
+
+
+def points_per_stage(total: int, stages: int) -> list[int]:
+    """PPL's clicks per image and stage: `total` points per image over all `stages`, as evenly as
+    possible, earlier stages first (40 over 3 stages: 14, 13, 13). A stage may get 0 points when
+    `total` < `stages`."""
+    total, stages = _check_points(total), int(stages)
+    if stages < 1:
+        raise ValueError(f"stages = {stages!r} must be >= 1")
+    base, extra = divmod(total, stages)
+    return [base + (1 if k < extra else 0) for k in range(stages)]
+
+
+def spl_stage_share(total_share: float, image_pixels: int, revealed: int, stages_left: int) -> float:
+    """SPL's cap for one image in one stage, as a share of its pixels: what is left of the image's
+    allowance floor(total_share x pixels) after the `revealed` pixels of earlier stages, spread
+    evenly over the `stages_left` stages (this one included). 0 when nothing is left. A stage
+    whose mask is smaller than its cap leaves the rest to the later stages, so the books over all
+    stages reach `total_share` whenever the masks are large enough, never more."""
+    share = check_label_budget(total_share)
+    if image_pixels < 1 or stages_left < 1:
+        raise ValueError(f"image_pixels = {image_pixels!r} and stages_left = {stages_left!r} must be >= 1")
+    left = math.floor(share * image_pixels + 1e-9) - int(revealed)
+    if left <= 0:
+        return 0.0
+    return min(1.0, (left // stages_left + (1 if left % stages_left else 0)) / image_pixels)
 
 
 def check_label_budget(share: float) -> float:
@@ -496,28 +529,79 @@ class PixelSelectorTraining(Method):
         return {"loss": seg.detach(), "seg": seg.detach(), "discrepancy": heads_apart.detach()}
 
 
-class AnnotatedTargetTraining(Method):
+class AnnotatedTargetTraining(OutputSpaceAdaptation):
     """One step of LabOR's segmentation model A (roles: `labelled` = source with labels,
     `annotated` = target images with the pixels the annotator revealed, IGNORE_INDEX elsewhere).
 
-    Cross-entropy (main + `aux_weight` x aux) on the source batch plus the same on the revealed
-    target pixels only, averaged over those pixels: a few labelled pixels per image weigh as much
-    as a whole source image, which is what makes 2-5 % of the labels worth asking for.
+    As in the paper (Sec. 3, Loss 1-3: model A is an AdaptSegNet-style UDA model that keeps its
+    adversarial loss while it learns the revealed pixels):
+
+    1. cross-entropy (main + `aux_weight` x aux) on the source batch (Loss 1);
+    2. on the target batch, one forward pass for both target terms: cross-entropy on the revealed
+       pixels only, averaged over those pixels (Loss 2: a few labelled pixels per image weigh as
+       much as a whole source image), plus AdaptSegNet's output-space adversarial loss (Loss 3):
+       per output level whose stage weight `adv_weight_<level>` is > 0, a discriminator on the
+       softmax map, the network trained to make target maps look like source maps;
+    3. the discriminators' own step (source maps 0, target maps 1, BCE / 2 each).
+
+    `adversarial=False` (or both stage weights 0) is segshift's earlier model A: source and
+    revealed-pixel cross-entropy only. A target batch whose pixels are all unrevealed contributes
+    the adversarial term alone: LabOR's warm-up round is AdaptSegNet itself.
     """
 
     roles = ("labelled", "annotated")
 
-    def __init__(self, model: nn.Module, stage_cfg):
-        super().__init__()
-        self.cfg = stage_cfg
+    def __init__(self, model: nn.Module, stage_cfg, adversarial: bool = True,
+                 num_classes: int | None = None):
+        from segshift.components.data.labels import NUM_CLASSES
+        from segshift.components.engine.optim import build_optimizer
+        from segshift.components.models.discriminator import FCDiscriminator
+        Method.__init__(self)
+        self.cfg, self.adversarial = stage_cfg, bool(adversarial)
         self.add_segmenter(model, stage_cfg.optimizer)
+        d_cfg = stage_cfg.discriminator
+        for level, weight in self.level_weights.items():
+            if weight > 0:
+                disc = FCDiscriminator(num_classes or NUM_CLASSES, d_cfg.ndf)
+                self.modules[f"d_{level}"] = disc
+                self.optimizers[f"d_{level}"] = OptimizerSpec(build_optimizer(disc, d_cfg.optimizer), d_cfg.optimizer)
+
+    @property
+    def level_weights(self) -> dict[str, float]:
+        if not self.adversarial:
+            return {"main": 0.0, "aux": 0.0}
+        return {"main": self.cfg.adv_weight_main, "aux": self.cfg.adv_weight_aux}
+
+    def discriminator_input(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return upsample(logits, size).float().softmax(1)         # AdaptSegNet: the softmax map
 
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
+        from segshift.components.engine.loop import unwrap
         from segshift.components.losses import segmentation_loss
+        from segshift.components.methods.advent import LABELLED_DOMAIN, domain_loss, frozen, output_levels
         model = self.modules["model"]
-        logs = segmentation_loss(model(batch["labelled"][0]), batch["labelled"][1], self.cfg.aux_weight)
-        target = segmentation_loss(model(batch["annotated"][0]), batch["annotated"][1], self.cfg.aux_weight)["loss"]
-        backward(logs["loss"] + target)
+        images, labels = batch["labelled"]
+        target_images, target_labels = batch["annotated"]
+        size = tuple(target_images.shape[-2:])
+
+        source_out = model(images)
+        logs = segmentation_loss(source_out, labels, self.cfg.aux_weight)
+        backward(logs["loss"])
+
+        target_out = model(target_images)
+        target = segmentation_loss(target_out, target_labels, self.cfg.aux_weight)["loss"]
+        target_levels = output_levels(target_out)
+        weights = {level: w for level, w in self.level_weights.items() if w > 0 and level in target_levels}
+        align = {}
+        for level in weights:        # the discriminators frozen and unwrapped, as in advent.py
+            with frozen(unwrap(self.modules[f"d_{level}"])) as disc:
+                verdict = disc(self.discriminator_input(target_levels[level], size))
+            align[level] = domain_loss(verdict, LABELLED_DOMAIN)
+        adversarial = sum((weights[level] * loss for level, loss in align.items()), torch.zeros(()))
+        backward(target + adversarial.to(target.device))
         logs["target"] = target
-        logs["loss"] = logs["loss"] + target
+        logs["loss"] = logs["loss"] + target + adversarial.detach().to(target.device)
+        logs.update({f"adv_{level}": loss for level, loss in align.items()})
+        logs.update(self._discriminator_step(output_levels(source_out), target_levels, weights,
+                                             tuple(images.shape[-2:]), size, backward))
         return {name: value.detach() for name, value in logs.items()}

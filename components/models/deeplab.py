@@ -29,9 +29,10 @@ class DeepLabV2(nn.Module):
     """Main logits from layer4 and, with `aux_head`, auxiliary logits from layer3; stride 8."""
 
     def __init__(self, num_classes: int = 19, backbone: str = "resnet101", width: float = 1.0,
-                 rates: tuple[int, ...] = REFERENCE_RATES, aux_head: bool = True):
+                 rates: tuple[int, ...] = REFERENCE_RATES, aux_head: bool = True,
+                 dilation: str = "torchvision"):
         super().__init__()
-        self.backbone = ResNetBackbone(backbone, width)
+        self.backbone = ResNetBackbone(backbone, width, dilation=dilation)
         c3, c4 = self.backbone.channels
         self.layer6 = ClassifierModule(c4, num_classes, rates)
         self.layer5 = ClassifierModule(c3, num_classes, rates) if aux_head else None

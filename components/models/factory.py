@@ -17,6 +17,7 @@ from torch import nn
 from segshift.components.data.storage import S3_SCHEME, S3Root, StorageError
 from segshift.components.engine.checkpoint import load_failure_reason, unsafe_content, unsafe_globals
 from segshift.components.models.bisenet import BiSeNet
+from segshift.components.models.classes import num_protocol_classes
 from segshift.components.models.deeplab import DeepLabV2
 from segshift.components.models.resnet import ARCHITECTURES, Bottleneck
 
@@ -66,6 +67,58 @@ class FrozenBatchNorm2d(nn.BatchNorm2d):
         return frozen
 
 
+class AffineFrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm as ADVENT's DeepLab-v2 runs it: affine frozen, statistics as in plain BatchNorm.
+
+    valeoai/ADVENT advent/model/deeplabv2.py builds every BN as `nn.BatchNorm2d(c, affine=True)`
+    and sets `requires_grad = False` on its weight and bias; training calls `model.train()`. So in
+    train mode the layer normalises with the batch's statistics and updates its running mean and
+    variance (momentum 0.1, PyTorch's default); in eval mode it normalises with those running
+    statistics; its scale and shift never change. This layer does the same, and its forward
+    detaches the affine parameters so that a later `requires_grad_(True)` cannot make them learn.
+    The state dict is plain BatchNorm's.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats=True,
+                         device=device, dtype=dtype)
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        momentum = 0.0
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            momentum = (self.momentum if self.momentum is not None
+                        else 1.0 / float(self.num_batches_tracked))
+        weight = self.weight.detach() if self.weight is not None else None
+        bias = self.bias.detach() if self.bias is not None else None
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias,
+                            training=self.training, momentum=momentum, eps=self.eps)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "AffineFrozenBatchNorm2d":
+        if not bn.track_running_stats:
+            raise ModelError(f"cannot use reference BatchNorm for {bn}: it keeps no running statistics")
+        ref = bn.running_mean
+        layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, device=ref.device, dtype=ref.dtype)
+        layer.load_state_dict(bn.state_dict())
+        layer.train(bn.training)
+        return layer
+
+
+def reference_batchnorm(module: nn.Module) -> int:
+    """Replace every plain BatchNorm2d inside `module` by an AffineFrozenBatchNorm2d in place."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(parent, name, AffineFrozenBatchNorm2d.from_batchnorm(child))
+                replaced += 1
+    return replaced
+
+
 def freeze_batchnorm(module: nn.Module) -> int:
     """Replace every BatchNorm2d inside `module` by a FrozenBatchNorm2d in place; returns how many."""
     replaced = 0
@@ -77,23 +130,38 @@ def freeze_batchnorm(module: nn.Module) -> int:
     return replaced
 
 
-def build_model(cfg: ModelConfig, num_classes: int = 19, endpoint_url: str | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int | None = None, endpoint_url: str | None = None) -> nn.Module:
     """The configured network; ImageNet weights loaded when `cfg.pretrained` is set.
 
-    `frozen_bn` freezes the backbone's BatchNorm (the layers that hold pretrained statistics);
+    The head has as many outputs as `cfg.classes` names (cityscapes19: 19, synthia16: 16) unless
+    `num_classes` is given (only with cityscapes19; tests build small heads that way). The model
+    carries the protocol as `model.class_protocol`.
+    `cfg.batchnorm_mode` acts on the backbone's BatchNorm (the layers that hold pretrained
+    statistics): "frozen" (FrozenBatchNorm2d), "reference" (AffineFrozenBatchNorm2d) or "train";
     BiSeNet's randomly initialised spatial path, ARMs, FFM and heads keep normal BatchNorm.
-    `cfg.rates` only applies to DeepLab-v2.
+    `cfg.rates` and `cfg.dilation` only apply to DeepLab-v2.
     """
+    protocol = getattr(cfg, "classes", "cityscapes19")
+    wanted = num_protocol_classes(protocol)
+    if num_classes is None:
+        num_classes = wanted
+    elif protocol != "cityscapes19" and num_classes != wanted:
+        raise ModelError(f"model.classes: {protocol} has {wanted} classes but {num_classes} were asked for")
     if cfg.name == "deeplabv2":
-        model: nn.Module = DeepLabV2(num_classes, cfg.backbone, cfg.width, tuple(cfg.rates), cfg.aux_head)
+        model: nn.Module = DeepLabV2(num_classes, cfg.backbone, cfg.width, tuple(cfg.rates), cfg.aux_head,
+                                     dilation=getattr(cfg, "dilation", "torchvision"))
     elif cfg.name == "bisenet":
         model = BiSeNet(num_classes, cfg.backbone, cfg.width, cfg.aux_head)
     else:
         raise ModelError(f"unknown model name {cfg.name!r}; expected 'deeplabv2' or 'bisenet'")
+    model.class_protocol = protocol if num_classes == wanted else None
     if cfg.pretrained:
         load_pretrained_backbone(model, cfg.pretrained, endpoint_url)
-    if cfg.frozen_bn:
+    mode = getattr(cfg, "batchnorm_mode", "frozen" if cfg.frozen_bn else "train")
+    if mode == "frozen":
         freeze_batchnorm(model.backbone)
+    elif mode == "reference":
+        reference_batchnorm(model.backbone)
     return model
 
 
@@ -259,8 +327,10 @@ def _check_class_count(state_dict: Mapping[str, torch.Tensor], expected: Mapping
                 or want.shape[0] != num_classes or got.ndim != want.ndim
                 or got.shape[0] == want.shape[0] or got.shape[1:] != want.shape[1:]):
             continue
+        protocol = getattr(model, "class_protocol", None)
+        configured = f"{num_classes} (model.classes: {protocol})" if protocol else f"{num_classes}"
         raise ModelError(f"checkpoint {source_name} has {got.shape[0]} classes ({key} {list(got.shape)}) "
-                         f"but the model is configured for {num_classes}")
+                         f"but the model is configured for {configured}")
 
 
 def _backbone_prefix(model: nn.Module) -> str:

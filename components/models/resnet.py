@@ -62,15 +62,29 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 }
 
 
-class ResNetBackbone(nn.Module):
-    """Stem + layer1..4; layer3/4 dilated 2/4 with stride 1, so the output stride is 8."""
+# Where a dilated stage's first block takes its rate from (see ResNetBackbone._make_layer).
+DILATION_FORMS: tuple[str, ...] = ("torchvision", "reference")
 
-    def __init__(self, depth: str = "resnet101", width: float = 1.0, output_stride: int = 8):
+
+class ResNetBackbone(nn.Module):
+    """Stem + layer1..4; layer3/4 dilated 2/4 with stride 1, so the output stride is 8.
+
+    `dilation` "torchvision": the first block of layer3 (layer4) runs at dilation 1 (2), the rest
+    at 2 (4), as torchvision's `replace_stride_with_dilation`; "reference": every block of layer3
+    at 2 and of layer4 at 4, as ADVENT's DeepLab-v2 (valeoai/ADVENT advent/model/deeplabv2.py).
+    Padding equals dilation in both, so the parameters and the output size are the same.
+    """
+
+    def __init__(self, depth: str = "resnet101", width: float = 1.0, output_stride: int = 8,
+                 dilation: str = "torchvision"):
         super().__init__()
         if depth not in ARCHITECTURES:
             raise ValueError(f"unknown backbone '{depth}'; expected one of {sorted(ARCHITECTURES)}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if dilation not in DILATION_FORMS:
+            raise ValueError(f"unknown dilation form '{dilation}'; expected one of {list(DILATION_FORMS)}")
+        self.dilation = dilation
         block, layers = ARCHITECTURES[depth]
         planes = [max(8, int(round(c * width))) for c in (64, 128, 256, 512)]
         self.inplanes = planes[0]
@@ -92,8 +106,10 @@ class ResNetBackbone(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                 nn.BatchNorm2d(planes * block.expansion))
-        # DeepLab's multi-grid convention: the first block of a dilated stage uses half the rate.
-        first_dilation = max(1, dilation // 2) if dilation > 1 else 1
+        # torchvision (`replace_stride_with_dilation`): the first block of a dilated stage keeps the
+        # previous stage's rate (layer3.0: 1, layer4.0: 2). reference (ADVENT's ResNetMulti
+        # `_make_layer`): every block of the stage, the first included, at the stage's rate.
+        first_dilation = dilation if self.dilation == "reference" else max(1, dilation // 2)
         layers = [block(self.inplanes, planes, stride, first_dilation, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)]

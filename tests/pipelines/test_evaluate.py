@@ -231,3 +231,56 @@ def test_build_summary_leaves_out_conditions_on_real_data():
     assert summary["source"]["per_class_iou"]["wall"] is None
     assert summary["source"]["per_class_iou"]["sidewalk"] == 0.0
     json.loads(strict_json(summary), parse_constant=lambda c: pytest.fail(c))
+
+
+# -- Cityscapes scored at full resolution (prepare.target.full_resolution_labels) ---------------------
+
+def test_evaluate_scores_the_test_split_at_the_native_label_resolution(tmp_path, monkeypatch, one_thread):
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+    from segshift.components.data.rawformats import write_cityscapes, write_gta5
+    write_gta5(tmp_path / "gta5", n=2, size=(96, 54))
+    write_cityscapes(tmp_path / "cityscapes", per_city=2, size=(128, 64))
+    params_file = write_params(tmp_path, overrides(**{
+        "prepare.source.kind": "gta5", "prepare.source.root": str(tmp_path / "gta5"),
+        "prepare.source.resize": [64, 36],
+        "prepare.target.kind": "cityscapes", "prepare.target.root": str(tmp_path / "cityscapes"),
+        "prepare.target.resize": [64, 32], "prepare.target.full_resolution_labels": True,
+        "engine.cache_images": False, "evaluate.stages": ["source"]}))
+    assert main(["prepare", "--params", str(params_file), "--quiet"]) == 0
+    params = load_params(params_file)
+    save_stage_model(params, "source", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["evaluate", "--params", "params.yaml", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
+
+    test = PreparedSplit(tmp_path / "prepared" / "target", "test")
+    assert test.has_full_labels and len(test) == 2
+    model = load_stage_model(tmp_path / "models" / "source" / "model.pt", params).eval()
+    expected = torch.zeros(19, 19, dtype=torch.long)
+    with torch.no_grad():
+        for i, row in enumerate(test.rows):                 # eval_UDA.py: upsample to the label, argmax
+            full = np.asarray(Image.open(tmp_path / "prepared" / "target" / row["label_full"])).astype(np.int64)
+            assert full.shape == (64, 128) and test[i][0].shape[-2:] == (32, 64)
+            logits = F.interpolate(model(test[i][0][None]).main.float(), size=full.shape, mode="bilinear",
+                                   align_corners=True)
+            pred = logits[0].argmax(0).numpy().ravel()
+            keep = full.ravel() != 255
+            expected += torch.from_numpy(np.bincount(19 * full.ravel()[keep] + pred[keep],
+                                                     minlength=361).reshape(19, 19))
+    ours = evaluate(model, test, 2, torch.device("cpu"))
+    assert torch.equal(ours.confusion, expected)
+    assert summary["source"]["miou"] == pytest.approx(ours.summary()["miou"], abs=1e-12)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("segshift")
+    run = next(r for r in client.search_runs([experiment.experiment_id])
+               if r.data.tags.get("segshift.stage") == "evaluate")
+    assert run.data.metrics["test_images_full_resolution"] == 2
+
+
+def test_without_full_resolution_labels_the_test_split_is_scored_at_the_prepared_size(project):
+    _, _, params = project
+    test = PreparedSplit(params.prepare.out_dir + "/target", "test")
+    assert not test.has_full_labels and int(test.full_label(0).numel()) == 0

@@ -5,13 +5,14 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from segshift.components.data.formats import NON_STRICT_HINT, IngestError
-from segshift.components.data.manifest import MANIFEST_SCHEMA, read_manifest
+from segshift.components.data.manifest import MANIFEST_SCHEMA, ManifestError, read_manifest
 from segshift.components.data.storage import StorageError
 from segshift.pipelines.ingest import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -467,3 +468,67 @@ def test_an_output_from_before_the_marker_is_replaced_unless_it_holds_anything_e
         _run("gta5", tmp_path / "raw", out)
     assert (out / "images" / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+
+
+# --- native-resolution labels for the evaluation split ------------------------------------------
+
+
+def test_full_resolution_labels_are_kept_for_the_asked_split_at_native_size(tmp_path: Path):
+    written = {w.sample_id: w for w in write_cityscapes(tmp_path / "raw", per_city=2, size=(128, 64))}
+    out = tmp_path / "out"
+    _run("cityscapes", tmp_path / "raw", out, resize=(64, 32), full_label_splits=("val",))
+    table = read_manifest(out)
+    assert table.schema.names == MANIFEST_SCHEMA.names + ["label_full"]
+    rows = table.to_pylist()
+    val = [row for row in rows if row["split"] == "val"]
+    assert len(val) == 2
+    for row in val:
+        assert row["label_full"] == f"labels_full/val/{row['sample_id']}.png"
+        full = _png_array(out / row["label_full"])
+        assert full.dtype == np.uint8 and full.shape == (64, 128)                # native, not 32x64
+        np.testing.assert_array_equal(full, written[row["sample_id"]].train_ids)  # bit-identical
+        assert _png_array(out / row["label"]).shape == (32, 64)                   # the resized one stays
+    assert all(row["label_full"] is None for row in rows if row["split"] != "val")
+    assert sorted(p.name for p in (out / "labels_full").iterdir()) == ["val"]
+
+
+def test_without_full_resolution_labels_the_output_is_as_before(tmp_path: Path):
+    write_cityscapes(tmp_path / "raw", per_city=2, size=(128, 64))
+    _run("cityscapes", tmp_path / "raw", tmp_path / "off", resize=(64, 32))
+    _run("cityscapes", tmp_path / "raw", tmp_path / "on", resize=(64, 32), full_label_splits=("val",))
+    off, on = _snapshot(tmp_path / "off"), _snapshot(tmp_path / "on")
+    assert pq.read_table(tmp_path / "off" / "manifest.parquet").schema.equals(MANIFEST_SCHEMA)  # no new column
+    assert not any(name.startswith("labels_full/") for name in off)
+    # images and resized labels are byte-identical; the option only adds labels_full/ and the column
+    changed = ("manifest.parquet", ".segshift-output")      # the marker lists the output's entries
+    same = {n: b for n, b in on.items() if not n.startswith("labels_full/") and n not in changed}
+    assert same == {n: b for n, b in off.items() if n not in changed}
+    assert read_manifest(tmp_path / "on").drop(["label_full"]).equals(read_manifest(tmp_path / "off"))
+
+
+def test_full_resolution_labels_split_must_be_known_and_manifest_paths_stay_inside(tmp_path: Path):
+    write_cityscapes(tmp_path / "raw", per_city=1, size=(128, 64))
+    with pytest.raises(IngestError, match=r"\['validation'\] unknown"):
+        _run("cityscapes", tmp_path / "raw", tmp_path / "out", resize=(64, 32), full_label_splits=("validation",))
+    out = tmp_path / "out"
+    _run("cityscapes", tmp_path / "raw", out, resize=(64, 32), full_label_splits=("val",))
+    table = read_manifest(out)
+    bad = table.set_column(table.schema.get_field_index("label_full"), "label_full",
+                           pa.array(["../../etc/passwd"] * table.num_rows, pa.string()))
+    pq.write_table(bad, out / "manifest.parquet")
+    with pytest.raises(ManifestError, match="label_full"):
+        read_manifest(out)
+
+
+def test_cli_full_resolution_labels_flag(tmp_path: Path):
+    args = _parser().parse_args(["ingest", "cityscapes", "/raw", "/out"])
+    assert args.full_label_splits == []
+    args = _parser().parse_args(["ingest", "cityscapes", "/raw", "/out", "--full-resolution-labels", "val"])
+    assert args.full_label_splits == ["val"]
+    write_cityscapes(tmp_path / "raw", per_city=1, size=(128, 64))
+    args = _parser().parse_args(["ingest", "cityscapes", str(tmp_path / "raw"), str(tmp_path / "out"),
+                                 "--resize", "64", "32", "--workers", "1", "--quiet",
+                                 "--full-resolution-labels", "val"])
+    assert run_ingest_command(args) == 0
+    assert [p.name for p in (tmp_path / "out" / "labels_full" / "val").iterdir()] == [
+        "frankfurt_000000_000019.png"]

@@ -164,3 +164,53 @@ def test_prepared_files_get_the_permissions_of_the_umask(tmp_path):
     assert modes["."] == 0o755 and modes["source/images"] == 0o755
     assert modes["summary.json"] == 0o644 and modes["source/manifest.parquet"] == 0o644
     assert {mode for name, mode in modes.items() if name.endswith(".png")} == {0o644}
+
+
+# -- native-resolution labels for the reported split (prepare.target.full_resolution_labels) -------
+
+def _real_params(tmp_path: Path, **extra):
+    write_gta5(tmp_path / "gta5", n=4, size=(96, 54))
+    written = write_cityscapes(tmp_path / "cityscapes", per_city=2, size=(128, 64))
+    params = write_params(tmp_path, {
+        "prepare.source.kind": "gta5", "prepare.source.root": str(tmp_path / "gta5"),
+        "prepare.source.resize": [64, 36],
+        "prepare.target.kind": "cityscapes", "prepare.target.root": str(tmp_path / "cityscapes"),
+        "prepare.target.resize": [64, 32], "prepare.target.val_fraction": 0.3, **extra})
+    return params, {w.sample_id: w for w in written}
+
+
+def test_full_resolution_labels_are_kept_for_the_test_split_only(tmp_path):
+    import numpy as np
+    from PIL import Image
+    params, written = _real_params(tmp_path, **{"prepare.target.full_resolution_labels": True})
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    out = tmp_path / "prepared"
+    target = pq.read_table(out / "target" / "manifest.parquet").to_pylist()
+    test = [r for r in target if r["split"] == "test"]
+    assert len(test) == 2 and {r["sample_id"].split("_")[0] for r in test} == {"frankfurt"}  # Cityscapes val
+    for row in test:
+        full = np.asarray(Image.open(out / "target" / row["label_full"]))
+        assert full.shape == (64, 128)                                  # native, the images are 64x32
+        np.testing.assert_array_equal(full, written[row["sample_id"]].train_ids)
+        assert np.asarray(Image.open(out / "target" / row["label"])).shape == (32, 64)
+    assert all(r["label_full"] is None for r in target if r["split"] != "test")
+    assert "label_full" not in pq.read_table(out / "source" / "manifest.parquet").column_names
+
+
+def test_without_full_resolution_labels_the_manifests_are_as_before(tmp_path):
+    from segshift.components.data.manifest import MANIFEST_SCHEMA
+    params, _ = _real_params(tmp_path)
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
+    for domain in ("source", "target"):
+        assert pq.read_table(tmp_path / "prepared" / domain / "manifest.parquet").schema.names == MANIFEST_SCHEMA.names
+    assert not list((tmp_path / "prepared").rglob("labels_full"))
+
+
+def test_full_resolution_labels_only_for_a_real_target(tmp_path, capsys):
+    params = write_params(tmp_path, {"prepare.target.full_resolution_labels": True})   # builtin target
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 2
+    assert "full_resolution_labels must be false when kind is 'builtin'" in capsys.readouterr().err
+    params, _ = _real_params(tmp_path, **{"prepare.source.full_resolution_labels": True})
+    assert main(["prepare", "--params", str(params), "--quiet"]) == 2
+    assert "source.full_resolution_labels must be false" in capsys.readouterr().err
+    assert not (tmp_path / "prepared").exists()

@@ -65,10 +65,11 @@ def test_preset_values_match_the_reference_recipe(name: str, kind: str, size: tu
     assert (p.prepare.target.kind, p.prepare.target.resize, p.prepare.target.val_fraction) == (
         "cityscapes", (1024, 512), 0.1)
     assert p.prepare.source.root and p.prepare.target.root
-    # DeepLab-v2 ResNet-101, multi-level, frozen BatchNorm, ImageNet weights.
+    # DeepLab-v2 ResNet-101, multi-level, ADVENT's BatchNorm and dilations, ImageNet weights.
     assert (p.model.name, p.model.backbone, p.model.width, p.model.rates) == (
         "deeplabv2", "resnet101", 1.0, [6, 12, 18, 24])
-    assert p.model.aux_head and p.model.frozen_bn and p.model.pretrained
+    assert p.model.aux_head and p.model.pretrained
+    assert (p.model.frozen_bn, p.model.batchnorm_mode, p.model.dilation) == (False, "reference", "reference")
     # Segmentation network: SGD 2.5e-4, momentum 0.9, wd 5e-4, heads 10x, poly 0.9; 120k steps, batch 1.
     for stage in (p.source, p.oracle, p.inter, p.intra):
         assert (stage.iterations, stage.batch_size, stage.crop, stage.aux_weight) == (120000, 1, None, 0.1)
@@ -82,8 +83,10 @@ def test_preset_values_match_the_reference_recipe(name: str, kind: str, size: tu
         assert (stage.entropy_weight_main, stage.entropy_weight_aux) == (0.001, 0.0002)
         d = stage.discriminator
         assert (d.ndf, d.optimizer.name, d.optimizer.lr, d.optimizer.betas) == (64, "adam", 1e-4, (0.9, 0.99))
-    # Ranking: lambda 0.67, no normalisation by default.
+    # Ranking: lambda 0.67, no normalisation by default; pseudo-labels the plain argmax (IntraDA
+    # entropy.py): no confidence threshold, no class-balanced selection.
     assert (p.rank.lambda_, p.rank.entropy_normalisation, p.rank.confidence_threshold) == (0.67, False, None)
+    assert p.rank.class_balanced_share is None
     # One GPU worker for training and ranking.
     w = p.engine.workers
     assert (w.num_workers, w.use_gpu, w.gpus_per_worker, p.rank.gpus_per_actor) == (1, True, 1, 1)
@@ -212,3 +215,58 @@ def test_resolve_preset_takes_a_path_or_a_name(project: Path):
     assert resolve_preset(str(REPO / "presets" / "synthia-cityscapes.yaml")).name == "synthia-cityscapes.yaml"
     with pytest.raises(PresetError, match="not found"):
         resolve_preset("missing/file.yaml")
+
+
+# --- every key the reference fixes, read from each preset as `segshift preset` applies it ---------
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_fixes_the_reference_network_pseudo_label_rule_and_class_protocol(name: str):
+    from torch import nn
+
+    from segshift.components.models.factory import AffineFrozenBatchNorm2d, build_model
+
+    merged, p = merge_preset(_base(), _overlay(name), preset_name=name)
+    flat, overlay = flatten(merged), flatten(_overlay(name))
+    fixed = {"model.frozen_bn": False, "model.batchnorm": "reference", "model.dilation": "reference",
+             "model.classes": "cityscapes19",   # the reference's synthia16 awaits train/evaluate wiring
+             "rank.confidence_threshold": None, "rank.class_balanced_share": None,
+             "prepare.target.full_resolution_labels": True}
+    for key, value in fixed.items():
+        assert key in overlay, f"{name} does not pin {key}"     # pinned, not inherited from params.yaml
+        assert flat[key] == value, key
+    # The network these settings build: every layer3 (layer4) block dilated 2 (4), BN affine frozen.
+    small = p.model.model_copy(update={"backbone": "resnet50", "width": 0.125, "pretrained": None})
+    model = build_model(small)
+    assert model.num_classes == p.model.num_classes == 19
+    assert [b.conv2.dilation[0] for b in model.backbone.layer3] == [2] * 6
+    assert [b.conv2.dilation[0] for b in model.backbone.layer4] == [4] * 3
+    bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(isinstance(bn, AffineFrozenBatchNorm2d) and not bn.weight.requires_grad for bn in bns)
+
+
+def test_the_built_in_job_keeps_its_network():
+    p = validate_params(_base())
+    assert (p.model.batchnorm_mode, p.model.dilation, p.model.classes, p.model.num_classes) == (
+        "train", "torchvision", "cityscapes19", 19)
+    assert p.rank.class_balanced_share == 0.5
+
+
+def test_synthia16_with_a_source_that_labels_19_classes_fails_naming_both_keys():
+    from segshift.components.config import ConfigError
+
+    for kind in ("gta5", "cityscapes"):
+        raw = apply_overrides(_base(), [("model.classes", "synthia16"), ("prepare.source.kind", kind),
+                                        ("prepare.source.root", "/data/x")])
+        with pytest.raises(ConfigError, match=rf"model\.classes: synthia16 .* prepare\.source\.kind is {kind}"):
+            validate_params(raw)
+    raw = apply_overrides(_base(), [("model.classes", "synthia16"), ("prepare.source.kind", "synthia"),
+                                    ("prepare.source.root", "/data/synthia")])
+    assert validate_params(raw).model.num_classes == 16
+
+
+def test_reference_batchnorm_with_frozen_bn_fails_naming_both_keys():
+    from segshift.components.config import ConfigError
+
+    raw = apply_overrides(_base(), [("model.frozen_bn", True), ("model.batchnorm", "reference")])
+    with pytest.raises(ConfigError, match=r"model\.frozen_bn: true contradicts model\.batchnorm: reference"):
+        validate_params(raw)

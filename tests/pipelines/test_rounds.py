@@ -251,7 +251,8 @@ def test_labor_reveals_only_asked_pixels_within_the_budget(project, monkeypatch,
     budget = 0.06
     assert run(project, {"inter.method": "labor", "inter.iterations": 4, "methods.labor.stages": 2,
                          "methods.labor.selector_iterations": 2, "methods.labor.selection": selection,
-                         "methods.labor.label_budget": budget, "methods.labor.points_per_image": 5}) == 0
+                         "methods.labor.label_budget": budget, "methods.labor.points_per_image": 5,
+                         "methods.labor.adapt_iterations": 1}) == 0
     metrics = json.loads((project / "metrics" / "inter.json").read_text())
     labels = metrics["labels"]
     assert [s["stage"] for s in labels["stages"]] == ["stage-1", "stage-2"]
@@ -266,8 +267,8 @@ def test_labor_reveals_only_asked_pixels_within_the_budget(project, monkeypatch,
         asked = label != IGNORE_INDEX
         # whatever was revealed is the ground truth of those pixels
         assert np.array_equal(label[asked], truth[sample_id][asked])
-    if selection == "ppl":   # points, not regions: at most points_per_image per image and stage
-        assert all(int((r != IGNORE_INDEX).sum()) <= 2 * 5 for r in revealed.values())
+    if selection == "ppl":   # points, not regions: at most points_per_image per image, all stages
+        assert all(int((r != IGNORE_INDEX).sum()) <= 5 for r in revealed.values())
     assert (project / "reports" / "inter" / "labor_stage-1.png").is_file()
     client, inter = inter_run(project)
     artifacts = [a.path for a in client.list_artifacts(inter.info.run_id, "labor")]
@@ -278,7 +279,8 @@ def test_a_person_can_take_the_oracles_place_through_files(project, monkeypatch,
     monkeypatch.chdir(project)
     overrides = {"inter.method": "labor", "inter.iterations": 2, "methods.labor.stages": 2,
                  "methods.labor.selector_iterations": 1, "methods.labor.annotator": "files",
-                 "methods.labor.annotations": "asks", "methods.labor.label_budget": 0.05}
+                 "methods.labor.annotations": "asks", "methods.labor.label_budget": 0.05,
+                 "methods.labor.adapt_iterations": 0}
     truth = target_truth(project)
     for stage in ("stage-1", "stage-2"):
         assert run(project, overrides) == 2            # waits for the person
@@ -307,7 +309,8 @@ def test_a_persons_label_of_the_wrong_size_format_or_ids_is_refused_naming_the_f
     monkeypatch.chdir(project)
     overrides = {"inter.method": "labor", "inter.iterations": 2, "methods.labor.stages": 2,
                  "methods.labor.selector_iterations": 1, "methods.labor.annotator": "files",
-                 "methods.labor.annotations": "careless", "methods.labor.label_budget": 0.05}
+                 "methods.labor.annotations": "careless", "methods.labor.label_budget": 0.05,
+                 "methods.labor.adapt_iterations": 0}
     assert run(project, overrides) == 2
     capsys.readouterr()
     requests, answers = project / "careless" / "stage-1" / "requests", project / "careless" / "stage-1" / "labels"
@@ -331,3 +334,47 @@ def test_a_persons_label_of_the_wrong_size_format_or_ids_is_refused_naming_the_f
         assert run(project, overrides) == 2, case
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(victim) in err[0] and expected in err[0], (case, err)
+
+
+def _every_pixel_uncertain(monkeypatch):
+    """The two heads disagree everywhere: the budgets, not the masks, decide what is asked."""
+    from segshift.components.methods import labor as labor_lib
+    monkeypatch.setattr(labor_lib, "inconsistency_mask", lambda a, b: torch.ones(a.argmax(1).shape, dtype=torch.bool))
+
+
+def test_labor_spl_books_show_the_papers_share_of_pixels_in_all_stages(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _every_pixel_uncertain(monkeypatch)
+    # the defaults are the paper's: 2.2 % of the pixels over 3 stages, model A adapted first
+    assert run(project, {"inter.method": "labor", "inter.iterations": 3, "methods.labor.selector_iterations": 1,
+                         "methods.labor.adapt_iterations": 1}) == 0
+    metrics = json.loads((project / "metrics" / "inter.json").read_text())
+    labels = metrics["labels"]
+    truth = target_truth(project)
+    total = sum(t.size for t in truth.values())
+    allowance = sum(int(0.022 * t.size + 1e-9) for t in truth.values())
+    assert labels["budget"] == 0.022 and [s["stage"] for s in labels["stages"]] == ["stage-1", "stage-2", "stage-3"]
+    # every stage asks, and together they reach the allowance exactly: 2.2 % up to per-image rounding
+    assert all(s["pixels"] > 0 for s in labels["stages"])
+    assert sum(s["pixels"] for s in labels["stages"]) == allowance
+    assert labels["share"] == pytest.approx(allowance / total)
+    assert 0.022 - len(truth) / total < labels["share"] <= 0.022
+    # model A was adapted before stage 1 and is not a candidate for the stage's model
+    stage_dir = project / "checkpoints" / "inter"
+    assert (stage_dir / "adapt" / "best.pt").is_file() and labels["adapt_iterations"] == 1
+    assert "adapt" not in metrics["round_val"]["val_miou"]
+    assert json.loads((stage_dir / "stage-1-selector" / "round.json").read_text())["round"]["init"] == "adapt/best.pt"
+
+
+def test_labor_ppl_books_show_40_points_per_image_in_all_stages(project, monkeypatch):
+    monkeypatch.chdir(project)
+    _every_pixel_uncertain(monkeypatch)
+    assert run(project, {"inter.method": "labor", "inter.iterations": 3, "methods.labor.selector_iterations": 1,
+                         "methods.labor.adapt_iterations": 1, "methods.labor.selection": "ppl"}) == 0
+    labels = json.loads((project / "metrics" / "inter.json").read_text())["labels"]
+    images = len(target_truth(project))
+    assert labels["allowance"]["points_per_image"] == 40 and labels["allowance"]["points_per_stage"] == [14, 13, 13]
+    assert [s["pixels"] for s in labels["stages"]] == [14 * images, 13 * images, 13 * images]
+    assert labels["most_pixels_per_image"] == 40
+    revealed = [read_label(p) for p in (project / "checkpoints" / "inter" / "stage-3" / "labels").glob("*.png")]
+    assert len(revealed) == images and all(int((r != IGNORE_INDEX).sum()) <= 40 for r in revealed)

@@ -291,3 +291,38 @@ def test_cityscapes_fixture_discovers_all_splits(tmp_path: Path):
     encodings = {s.sample_id.split("_")[0]: s.label_encoding for s in discovery.samples}
     assert encodings == {"aachen": "cityscapes_ids", "bochum": "cityscapes_train_ids",
                          "frankfurt": "cityscapes_ids", "berlin": None}
+
+
+# --- native-resolution labels (scoring at full resolution, as ADVENT's eval_UDA.py) -------------
+
+
+def _cityscapes_val_sample(tmp_path: Path) -> tuple[RawSample, object]:
+    written = [w for w in write_cityscapes(tmp_path / "raw", per_city=1, size=(128, 64)) if w.split == "val"][0]
+    sample = [s for s in discover_samples("cityscapes", LocalRoot(str(tmp_path / "raw"))).samples
+              if s.sample_id == written.sample_id][0]
+    return sample, written
+
+
+def test_convert_sample_keeps_the_native_label_of_a_requested_split(tmp_path: Path):
+    sample, written = _cityscapes_val_sample(tmp_path)
+    out = tmp_path / "out"
+    record = convert_sample(sample, root=LocalRoot(str(tmp_path / "raw")), out_dir=str(out), size=(64, 32),
+                            strict=True, max_pixels=10**8, full_label_splits=frozenset({"val"}))
+    assert record.label == f"labels/val/{sample.sample_id}.png"
+    assert record.label_full == f"labels_full/val/{sample.sample_id}.png"
+    full = np.asarray(Image.open(out / record.label_full))
+    assert full.dtype == np.uint8 and full.shape == (64, 128)
+    np.testing.assert_array_equal(full, written.train_ids)          # bit-identical to the mapped raw label
+    resized = np.asarray(Image.open(out / record.label))
+    np.testing.assert_array_equal(resized, resize_label(written.train_ids, (64, 32)))   # as before
+
+
+def test_convert_sample_keeps_no_native_label_when_not_asked_or_not_resized(tmp_path: Path):
+    sample, _ = _cityscapes_val_sample(tmp_path)
+    root = LocalRoot(str(tmp_path / "raw"))
+    for size, splits in (((64, 32), frozenset()), ((64, 32), frozenset({"train"})),
+                         (None, frozenset({"val"})), ((128, 64), frozenset({"val"}))):
+        out = tmp_path / f"out-{size}-{sorted(splits)}"
+        record = convert_sample(sample, root=root, out_dir=str(out), size=size, strict=True, max_pixels=10**8,
+                                full_label_splits=splits)
+        assert record.label_full is None and not (out / "labels_full").exists()

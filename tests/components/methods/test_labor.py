@@ -373,3 +373,84 @@ def test_a_human_tool_satisfies_the_protocol_by_shape_alone():
 
     assert isinstance(Tool(), Annotator)
     assert not isinstance(object(), Annotator)
+
+
+# --- model A: source + revealed pixels, adversarial loss kept (the paper's Loss 1-3) ---------------
+
+def _model_a(tmp_path, adversarial=True, **overrides):
+    from segshift.components.config import load_params
+    from segshift.components.methods.labor import AnnotatedTargetTraining
+    from segshift.components.models.factory import build_model
+    from tests.conftest import write_params
+    params = load_params(write_params(tmp_path), {"model.width": 0.125, "inter.method": "labor", **overrides})
+    torch.manual_seed(0)
+    return params, AnnotatedTargetTraining(build_model(params.model), params.inter, adversarial=adversarial)
+
+
+def _model_a_step(method, target_labels):
+    torch.manual_seed(1)
+    source = (torch.randn(2, 3, 32, 64), torch.randint(0, 19, (2, 32, 64)))
+    batch = {"labelled": source, "annotated": (torch.randn(2, 3, 32, 64), target_labels)}
+    calls = []
+
+    def backward(loss):
+        calls.append(loss.detach())
+        loss.backward()
+    return method.training_step(batch, 0, backward), calls
+
+
+def test_model_a_step_keeps_adaptsegnets_adversarial_loss_while_learning_revealed_pixels(tmp_path):
+    params, method = _model_a(tmp_path)
+    assert {"d_main", "d_aux"} <= set(method.modules) and {"d_main", "d_aux"} <= set(method.optimizers)
+    sparse = torch.full((2, 32, 64), IGNORE_INDEX, dtype=torch.long)
+    sparse[:, 3, 5] = 13
+    logs, calls = _model_a_step(method, sparse)
+    w_main, w_aux = params.inter.adv_weight_main, params.inter.adv_weight_aux
+    assert w_main > 0 and {"adv_main", "adv_aux", "d_main", "d_aux", "target"} <= set(logs)
+    seg = logs["seg_main"] + params.inter.aux_weight * logs["seg_aux0"]
+    assert logs["loss"] == pytest.approx((seg + logs["target"] + w_main * logs["adv_main"]
+                                          + w_aux * logs["adv_aux"]).item(), rel=1e-6)
+    # the adversarial term is the generator's side of AdaptSegNet: BCE of the discriminator's
+    # verdict on the target softmax maps against the source label
+    assert logs["adv_main"] > 0
+    # the discriminators learn (their own step), the segmenter gets gradients
+    assert all(p.grad is not None for p in method.modules["d_main"].parameters())
+    assert all(p.grad is not None for p in method.segmenter.parameters() if p.requires_grad)
+    assert len(calls) == 2 + 2 * 2                        # source, target (+adv), real/fake per level
+
+
+def test_model_a_adversarial_alone_adapts_when_nothing_is_revealed_and_can_be_switched_off(tmp_path):
+    blank = torch.full((2, 32, 64), IGNORE_INDEX, dtype=torch.long)
+    params, method = _model_a(tmp_path)
+    logs, _ = _model_a_step(method, blank)
+    assert logs["target"] == 0 and logs["adv_main"] > 0   # the warm-up round: AdaptSegNet itself
+    # the earlier model A: no discriminator, source + revealed pixels only
+    _, plain = _model_a(tmp_path, adversarial=False)
+    assert not any(name.startswith("d_") for name in plain.modules)
+    sparse = blank.clone()
+    sparse[:, 3, 5] = 13
+    logs, calls = _model_a_step(plain, sparse)
+    assert not any(name.startswith("adv") for name in logs) and len(calls) == 2
+    assert logs["loss"] == pytest.approx((logs["seg_main"] + params.inter.aux_weight * logs["seg_aux0"]
+                                          + logs["target"]).item(), rel=1e-6)
+    # zero stage weights switch it off as well
+    (tmp_path / "zero").mkdir()
+    _, zero = _model_a(tmp_path / "zero", **{"inter.adv_weight_main": 0.0, "inter.adv_weight_aux": 0.0})
+    assert not any(name.startswith("d_") for name in zero.modules)
+
+
+def test_budgets_split_over_stages_as_the_paper_counts_them():
+    from segshift.components.methods.labor import points_per_stage, spl_stage_share
+    assert points_per_stage(40, 3) == [14, 13, 13] and sum(points_per_stage(40, 7)) == 40
+    assert points_per_stage(2, 3) == [1, 1, 0]
+    pixels, total, asked = 100 * 200, 0.022, 0
+    allowance = math.floor(total * pixels + 1e-9)
+    for left in (3, 2, 1):                                # masks that always exceed the cap
+        share = spl_stage_share(total, pixels, asked, left)
+        asked += math.floor(share * pixels + 1e-9)
+    assert asked == allowance
+    assert spl_stage_share(total, pixels, allowance, 1) == 0.0
+    # a small mask in stage 1 leaves its unused allowance to the later stages
+    assert spl_stage_share(total, pixels, 10, 2) == pytest.approx(math.ceil((allowance - 10) / 2) / pixels)
+    with pytest.raises(ValueError):
+        points_per_stage(0, 3)

@@ -195,8 +195,9 @@ def test_labor_model_step_learns_only_from_the_revealed_target_pixels(tmp_path):
         at_pixel = labelled_cross_entropy(upsample(out.main, (32, 64))[:, :, 3:4, 5:6], sparse[:, 3:4, 5:6])
     assert logs["target"] == pytest.approx(expected.item(), rel=1e-4)
     assert segmentation_loss(out, sparse, 0.0)["loss"].item() == pytest.approx(at_pixel.item(), rel=1e-4)
+    adversarial = params.inter.adv_weight_main * logs["adv_main"] + params.inter.adv_weight_aux * logs["adv_aux"]
     assert logs["loss"] == pytest.approx((logs["seg_main"] + params.inter.aux_weight * logs["seg_aux0"]
-                                          + logs["target"]).item(), rel=1e-5)
+                                          + logs["target"] + adversarial).item(), rel=1e-5)
     assert all(p.grad is not None for p in method.segmenter.parameters() if p.requires_grad)
 
 

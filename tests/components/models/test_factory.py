@@ -202,3 +202,119 @@ def test_aux_head_and_width_mismatches():
                                                    "[32, 3, 7, 7] but the model expects [16, 3, 7, 7]")):
         check_checkpoint_compatible(build_model(model_cfg(width=0.5)).state_dict(),
                                     build_model(model_cfg()), "c.pt")
+
+
+# --- reference BatchNorm, dilation and class protocol (ADVENT / IntraDA presets) ---------------
+
+from segshift.components.models.factory import AffineFrozenBatchNorm2d  # noqa: E402
+
+
+def _backbone_bns(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_default_batchnorm_is_plain_trainable_batchnorm():
+    cfg = model_cfg()
+    assert (cfg.batchnorm, cfg.batchnorm_mode, cfg.dilation, cfg.classes) == (None, "train", "torchvision",
+                                                                               "cityscapes19")
+    bns = _backbone_bns(build_model(cfg))
+    assert bns and all(type(bn) is nn.BatchNorm2d and bn.weight.requires_grad for bn in bns)
+    assert model_cfg(frozen_bn=True).batchnorm_mode == "frozen"
+    assert all(isinstance(bn, FrozenBatchNorm2d) for bn in _backbone_bns(build_model(model_cfg(batchnorm="frozen"))))
+
+
+def test_reference_batchnorm_freezes_the_affine_but_uses_and_updates_batch_statistics_in_train_mode():
+    torch.manual_seed(0)
+    model = build_model(model_cfg(batchnorm="reference", aux_head=False))
+    bns = _backbone_bns(model)
+    assert bns and all(isinstance(bn, AffineFrozenBatchNorm2d) for bn in bns)
+    assert all(not bn.weight.requires_grad and not bn.bias.requires_grad for bn in bns)
+    assert all(bn.momentum == 0.1 and bn.track_running_stats for bn in bns)   # nn.BatchNorm2d's default
+    bn = model.backbone.bn1
+    with torch.no_grad():
+        bn.weight.fill_(2.0)
+        bn.bias.fill_(0.5)
+    # Train mode: normalised with the batch's statistics (not the stored ones), running stats updated.
+    model.train()
+    x = torch.randn(2, bn.num_features, 5, 7) * 3 + 1
+    mean_before = bn.running_mean.clone()
+    y = bn(x)
+    batch_mean, batch_var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    expected = (x - batch_mean[None, :, None, None]) / torch.sqrt(batch_var[None, :, None, None] + bn.eps) * 2 + 0.5
+    assert torch.allclose(y, expected, atol=1e-4)
+    assert torch.allclose(bn.running_mean, 0.9 * mean_before + 0.1 * batch_mean, atol=1e-5)
+    # Eval mode: the running statistics, which then stay put.
+    model.eval()
+    stored_mean, stored_var = bn.running_mean.clone(), bn.running_var.clone()
+    y = bn(x)
+    expected = (x - stored_mean[None, :, None, None]) / torch.sqrt(stored_var[None, :, None, None] + bn.eps) * 2 + 0.5
+    assert torch.allclose(y, expected, atol=1e-4) and torch.equal(bn.running_mean, stored_mean)
+    # The affine never learns, even if every parameter is switched back on.
+    model.train().requires_grad_(True)
+    model(torch.randn(2, 3, 64, 64)).main.sum().backward()
+    assert all(b.weight.grad is None and b.bias.grad is None for b in bns)
+    assert model.backbone.conv1.weight.grad is not None
+
+
+def test_reference_batchnorm_keeps_the_state_dict_layout():
+    plain, ref = build_model(model_cfg()), build_model(model_cfg(batchnorm="reference"))
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    ref.load_state_dict(plain.state_dict())
+
+
+def test_frozen_bn_contradicting_batchnorm_is_refused_naming_both_keys():
+    for mode in ("reference", "train"):
+        with pytest.raises(ValueError, match=rf"model\.frozen_bn: true contradicts model\.batchnorm: {mode}"):
+            model_cfg(frozen_bn=True, batchnorm=mode)
+    assert model_cfg(frozen_bn=True, batchnorm="frozen").batchnorm_mode == "frozen"
+
+
+def _conv2_dilations(layer: nn.Sequential) -> list[tuple[int, int]]:
+    return [(block.conv2.dilation[0], block.conv2.padding[0]) for block in layer]
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet101"])
+def test_reference_dilation_puts_the_stage_rate_on_every_layer3_and_layer4_block(backbone: str):
+    ref = build_model(model_cfg(backbone=backbone, width=0.125, dilation="reference")).backbone
+    assert _conv2_dilations(ref.layer3) == [(2, 2)] * len(ref.layer3)
+    assert _conv2_dilations(ref.layer4) == [(4, 4)] * len(ref.layer4)
+    assert all(block.conv2.stride == (1, 1) for block in [*ref.layer3, *ref.layer4])
+    # The built-in default keeps torchvision's form: the first block at the previous rate.
+    tv = build_model(model_cfg(backbone=backbone, width=0.125)).backbone
+    assert _conv2_dilations(tv.layer3) == [(1, 1)] + [(2, 2)] * (len(tv.layer3) - 1)
+    assert _conv2_dilations(tv.layer4) == [(2, 2)] + [(4, 4)] * (len(tv.layer4) - 1)
+
+
+def test_reference_dilation_keeps_parameters_and_output_size():
+    tv = build_model(model_cfg(backbone="resnet50", width=0.125)).eval()
+    ref = build_model(model_cfg(backbone="resnet50", width=0.125, dilation="reference")).eval()
+    ref.load_state_dict(tv.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    assert tv(x).main.shape == ref(x).main.shape == (1, 19, 8, 12)
+
+
+def test_reference_dilation_with_bisenet_is_refused_naming_both_keys():
+    with pytest.raises(ValueError, match=r"model\.dilation: reference .* model\.name: bisenet"):
+        model_cfg(name="bisenet", dilation="reference")
+
+
+def test_synthia16_builds_a_16_output_head():
+    model = build_model(model_cfg(classes="synthia16")).eval()
+    assert model.num_classes == 16 and model.class_protocol == "synthia16"
+    assert {conv.out_channels for conv in [*model.layer6.conv2d_list, *model.layer5.conv2d_list]} == {16}
+    out = model(torch.randn(1, 3, 64, 64))
+    assert out.main.shape == out.aux[0].shape == (1, 16, 8, 8)
+    assert build_model(model_cfg(name="bisenet", classes="synthia16")).num_classes == 16
+    assert build_model(model_cfg()).num_classes == 19
+    with pytest.raises(ModelError, match="synthia16 has 16 classes but 19"):
+        build_model(model_cfg(classes="synthia16"), num_classes=19)
+
+
+def test_a_19_class_checkpoint_into_a_synthia16_model_is_one_error_naming_file_and_counts():
+    nineteen = build_model(model_cfg()).state_dict()
+    model = build_model(model_cfg(classes="synthia16"))
+    with pytest.raises(ModelError) as info:
+        check_checkpoint_compatible(nineteen, model, "models/source/model.pt")
+    message = str(info.value)
+    assert "\n" not in message and "models/source/model.pt" in message
+    assert "has 19 classes" in message and "configured for 16 (model.classes: synthia16)" in message
