@@ -106,7 +106,8 @@ def rare_class_normaliser(pred: Any) -> float:
     so it runs from 1.5 (no rare class) down to 0.5 (all 11). The normalised score is
     `score * normaliser`: images showing many rare classes (wall, fence, pole, light, sign,
     terrain, rider, truck, bus, train, motorcycle) rank easier, so their pseudo-labels reach the
-    intra stage. Verified against the reference: feipan664/IntraDA `intrada/entropy.py`,
+    intra stage. Verified against the reference: IntraDA (github.com/feipanir/IntraDA, also
+    cited as feipan664/IntraDA) `entropyrk/entropy.py` at 01de1351dc8b2d992accd9b3e0011d8d687c26fc,
     `normalizor = (11 - len(find_rare_class(pred_trg_main))) / 11.0 + 0.5`, where
     `find_rare_class` intersects the classes of the argmax prediction with
     rare_class = [3, 4, 5, 6, 7, 9, 12, 14, 15, 16, 17], and the image's entry is

@@ -238,3 +238,56 @@ def test_check_ranking_matches_reports_manifest_ids_and_missing_pseudo_labels(tm
     fewer = prepared_target(tmp_path / "fewer", 8)
     with pytest.raises(RankingError, match=r"2 ranked image\(s\) are not in target train"):
         check_ranking_matches(out, fewer)
+
+
+# -- against the reference (feipanir/IntraDA, formerly feipan664, entropyrk/entropy.py at 01de135) ---
+
+class GivenLogits(torch.nn.Module):
+    """Returns fixed per-image logits at the image size (so no upsampling is involved)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        return SegOutput(self.logits[: images.shape[0]])
+
+
+def _intrada_split(logits: torch.Tensor, names: list[str], lambda1: float, normalize: bool):
+    """entropy.py `main` + `cluster_subdomain`, as written there (one image per batch)."""
+    rare_class = [3, 4, 5, 6, 7, 9, 12, 14, 15, 16, 17]
+    entropy_list = []
+    for name, pred in zip(names, logits):
+        pred = pred[None]
+        if normalize:
+            present = set(np.unique(pred.argmax(1).numpy()).tolist()).intersection(rare_class)
+            normalizor = (11 - len(present)) / 11.0 + 0.5
+        else:
+            normalizor = 1
+        prob = pred.softmax(1)
+        entropy = -torch.mul(prob, torch.log2(prob + 1e-30)) / np.log2(prob.shape[1])
+        entropy_list.append((name, entropy.mean().item() * normalizor))
+    entropy_rank = [item[0] for item in sorted(entropy_list, key=lambda img: img[1])]
+    cut = int(len(entropy_rank) * lambda1)
+    return entropy_rank[:cut], entropy_rank[cut:], [np.argmax(p.numpy(), axis=0) for p in logits]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ranking_split_and_pseudo_labels_are_intradas(normalize):
+    torch.manual_seed(5)
+    n, h, w = 12, 6, 8
+    logits = torch.randn(n, NUM_CLASSES, h, w) * torch.linspace(0.5, 6, n).view(n, 1, 1, 1)
+    for i in range(0, n, 3):                      # some images show rare classes, some none
+        logits[i, list(RARE_CLASSES)[: i % 7]] -= 50
+    names = [f"t_{i:03d}" for i in range(n)]
+    easy_ref, hard_ref, labels_ref = _intrada_split(logits, names, 0.67, normalize)
+
+    scores = score_images(GivenLogits(logits), torch.zeros(n, 3, h, w))
+    recs = [{"sample_id": s, "score": float(scores.score[i]), "normaliser": float(scores.normaliser[i]),
+             "mean_confidence": float(scores.mean_confidence[i]), "condition": None,
+             "class_histogram": scores.class_histogram[i]} for i, s in enumerate(names)]
+    table = build_ranking_table(recs, 0.67, normalize, None, "a" * 64, "b" * 64)
+    easy, hard = ranked_splits(table)
+    assert (easy, hard) == (easy_ref, hard_ref)
+    for i in range(n):                            # pseudo-label: the plain argmax (no selection)
+        assert np.array_equal(scores.labels[i], labels_ref[i])
