@@ -225,32 +225,37 @@ def bench_stages(params_path: str) -> list[dict]:
             for stage, run in sorted(stages.items(), key=lambda kv: kv[1].info.start_time)]
 
 
-METHOD_CASES = ("supervised", "advent", "adaptsegnet", "minent", "dacs", "fda", "lse", "labor_selector")
+def _bench_cases() -> dict[str, tuple[str, str | None, str]]:
+    """Every method's throughput cases, from the registry: case -> (method, step, settings' stage)."""
+    from segshift.components.methods.registry import METHODS
+    return {case: (spec.name, step, stage) for spec in METHODS.values() for case, step, stage in spec.bench_cases}
+
+
+def __getattr__(name: str):
+    # METHOD_CASES (every case's name, in the registry's order) is computed when asked for: the
+    # registry imports torch and every method, which `segshift bench` without methods never needs
+    if name == "METHOD_CASES":
+        return tuple(_bench_cases())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _case_stage(case: str) -> str:
+    """The stage whose settings (and batch size) a case is built with."""
+    return _bench_cases()[case][2]
 
 
 def _method_for(case: str, params):
     """A method over a fresh `params.model` with the project's stage settings (inter for the
-    adaptation methods, source for the others) and the image roles it trains on."""
-    from segshift.components.methods.advent import OutputSpaceAdaptation
-    from segshift.components.methods.dacs import DACS
-    from segshift.components.methods.fda import FDA
-    from segshift.components.methods.labor import PixelSelectorTraining, TwoHeadSegmenter
-    from segshift.components.methods.lse import LSE
-    from segshift.components.methods.supervised import Supervised
+    adaptation methods, source for the others, as the method's `MethodSpec.bench` says) and the
+    image roles it trains on."""
+    from segshift.components.methods.registry import method_spec
     from segshift.components.models.factory import build_model
-    model, seed = build_model(params.model.model_copy(update={"pretrained": None})), params.engine.seed
-    if case == "supervised":
-        return Supervised(model, params.source)
-    if case == "lse":
-        return LSE(model, params.source, params.methods.lse, seed)
-    if case == "labor_selector":
-        return PixelSelectorTraining(TwoHeadSegmenter(model), params.source, params.methods.labor)
-    stage = params.inter.model_copy(update={"method": case})
-    if case == "dacs":
-        return DACS(model, stage, params.methods.dacs, seed)
-    if case == "fda":
-        return FDA(model, stage, params.methods.fda)
-    return OutputSpaceAdaptation(model, stage)
+    name, step, stage = _bench_cases()[case]
+    model = build_model(params.model.model_copy(update={"pretrained": None}))
+    cfg = getattr(params, stage)
+    if "method" in type(cfg).model_fields:
+        cfg = cfg.model_copy(update={"method": name})
+    return method_spec(name).step_builder(step)(model, cfg, params)
 
 
 def bench_methods(params_path: str, steps: int) -> list[dict]:
@@ -271,13 +276,12 @@ def bench_methods_on(params, steps: int, device) -> list[dict]:
     height, width = params.prepare.builtin.height, params.prepare.builtin.width
     speed = speed_settings(params.engine, device)
     rows = []
-    for case in METHOD_CASES:
+    for case in _bench_cases():
         torch.manual_seed(0)
         method = _method_for(case, params)
         for module in method.modules.values():
             module.to(device, memory_format=speed.memory_format)
-        batch_size = params.source.batch_size if case in ("supervised", "lse", "labor_selector") \
-            else params.inter.batch_size
+        batch_size = getattr(params, _case_stage(case)).batch_size
         batch = {role: (torch.randn(batch_size, 3, height, width, device=device).contiguous(
                             memory_format=speed.memory_format),
                         torch.randint(0, 19, (batch_size, height, width), device=device)) for role in method.roles}

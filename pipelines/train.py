@@ -1,7 +1,8 @@
 """`segshift train --stage {source,oracle,inter,intra}`: training stages on the shared engine, run by Ray Train.
 
 source / oracle train with labels only (Supervised); inter (source -> target) and intra (easy target
-split with pseudo-labels -> hard split) adapt with OutputSpaceAdaptation (ADVENT and variants).
+split with pseudo-labels -> hard split) adapt with the method their `method:` names, found in
+components/methods/registry.py; methods that train in rounds run through pipelines/rounds.py.
 
 With `engine.workers.num_workers: 0` the worker function runs in this process; otherwise a Ray
 Train `TorchTrainer` runs it on `num_workers` DDP workers (gloo on CPU, nccl on GPU). Rank 0 logs
@@ -25,8 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from segshift.components.config import (ROUND_METHODS, AdaptationStageConfig, Params,
-                                        SupervisedStageConfig, load_params)
+from segshift.components.config import AdaptationStageConfig, Params, SupervisedStageConfig, load_params
 from segshift.components.data.augment import AugmentationSpec
 from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
 from segshift.components.data.labels import CLASS_NAMES
@@ -36,13 +36,8 @@ from segshift.components.engine.loop import Runtime, Trainer, resolve_device, sp
 from segshift.components.engine.precision import SpeedSettings
 from segshift.components.evaluation import evaluate, validation_metrics
 from segshift.components.io import atomic_write_text, resolve_under
-from segshift.components.paths import confined
-from segshift.components.methods.advent import OutputSpaceAdaptation
-from segshift.components.methods.dacs import DACS
-from segshift.components.methods.fda import FDA
-from segshift.components.methods.labor import AnnotatedTargetTraining, PixelSelectorTraining, TwoHeadSegmenter
-from segshift.components.methods.lse import LSE
-from segshift.components.methods.supervised import Supervised
+from segshift.components.methods import registry
+from segshift.components.methods.rounds import Round, StageInputError, label_file
 from segshift.components.models.factory import build_model, check_checkpoint_compatible
 from segshift.components.ranking import (RANKING_NAME, check_ranking_matches, pseudo_label_paths,
                                          ranked_splits, read_ranking)
@@ -59,30 +54,6 @@ STAGES = tuple(STAGE_DATA)
 # what an adaptation stage's `init` loads: the model a previous stage exported
 INIT_FROM_STAGE = {"source": "source", "inter": "inter"}
 STREAMS = {"labelled": 0, "unlabelled": 1, "pseudo": 2, "annotated": 3}   # independent batch orders
-
-
-class StageInputError(ValueError):
-    """Inputs of a stage that cannot work; raised before any training starts."""
-
-
-@dataclass(frozen=True)
-class Round:
-    """One training run of a stage that trains in rounds (LSE, LabOR, FDA's multi-band ensemble).
-
-    Between rounds the driver predicts, selects and writes labels (pipelines/rounds.py); a round
-    is then an ordinary training run of `method` on the engine, with its own checkpoints.
-    `data` maps each role to {"domain": "source" | "target", "ids": [...] or None (all of train),
-    "labels_dir": a directory of <id>.png labels replacing the manifest's, or None}. Paths are
-    relative to the stage's checkpoint directory, which travels to other machines (S3) whole.
-    """
-
-    name: str                  # also the checkpoint sub-directory
-    method: str                # lse | fda | labor-selector | labor-model
-    iterations: int
-    step_offset: int           # where its steps start in the stage's MLflow history
-    data: dict[str, dict]
-    init: str | None = None    # the model file it starts from (e.g. round-1/best.pt); None = stage `init`
-    beta: float | None = None  # fda: this round's window
 
 
 @dataclass(frozen=True)
@@ -178,12 +149,6 @@ def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSpli
     if stage == "inter":
         datasets["unlabelled"] = PreparedSplit(prepared / "target", "train", need_labels=False, **aug)
     return datasets
-
-
-def label_file(labels_dir: Path, sample_id: str) -> Path:
-    """A round's label map of one image (sample ids may contain '/': city sub-directories, but
-    never lead out of `labels_dir`)."""
-    return confined(labels_dir, f"{sample_id}.png", "sample id")
 
 
 def round_datasets(spec: Round, prepared: Path, stage_dir: Path, aug: dict) -> dict[str, PreparedSplit]:
@@ -300,32 +265,9 @@ def initial_model(job: StageJob) -> torch.nn.Module:
 
 
 def build_method(job: StageJob, model: torch.nn.Module):
-    """The stage's `method:` over its network (one file per method under components/methods/)."""
+    """The stage's `method:` over its network, or the step its round names (components/methods/registry.py)."""
     params = job.config
-    cfg = stage_config(params, job.stage)
-    if not isinstance(cfg, AdaptationStageConfig) or cfg.method == "supervised":
-        return Supervised(model, cfg)
-    if job.round:
-        return build_round_method(job.round_spec, job, model)
-    if cfg.method == "dacs":
-        return DACS(model, cfg, params.methods.dacs, seed=params.engine.seed)
-    if cfg.method == "fda":
-        return FDA(model, cfg, params.methods.fda)
-    return OutputSpaceAdaptation(model, cfg)
-
-
-def build_round_method(spec: Round, job: StageJob, model: torch.nn.Module):
-    params = job.config
-    cfg = stage_config(params, job.stage)
-    if spec.method == "lse":
-        return LSE(model, cfg, params.methods.lse, seed=params.engine.seed)
-    if spec.method == "fda":
-        return FDA(model, cfg, params.methods.fda, beta=spec.beta, self_training="pseudo" in spec.data)
-    if spec.method == "labor-selector":
-        return PixelSelectorTraining(TwoHeadSegmenter(model, seed=params.engine.seed), cfg, params.methods.labor)
-    if spec.method == "labor-model":
-        return AnnotatedTargetTraining(model, cfg)
-    raise StageInputError(f"round {spec.name}: unknown round method '{spec.method}'")
+    return registry.build_method(model, stage_config(params, job.stage), params, job.round_spec)
 
 
 def shifted_log(log: Callable[[dict[str, float], int], None], offset: int):
@@ -508,10 +450,9 @@ def train_stage(params: Params, stage: str, project_dir: Path, progress: bool = 
 
 
 def trains_in_rounds(params: Params, stage: str) -> bool:
-    """LSE, LabOR and FDA's multi-band ensemble: several training runs with labelling between them."""
-    cfg = stage_config(params, stage)
-    method = getattr(cfg, "method", None)
-    return method in ROUND_METHODS or (method == "fda" and bool(params.methods.fda.ensemble_betas))
+    """LSE, LabOR and FDA's multi-band ensemble: several training runs with labelling between them
+    (the method's `MethodSpec.trains_in_rounds`)."""
+    return registry.trains_in_rounds(stage_config(params, stage), params)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from segshift.components.data.labels import NUM_CLASSES
 from segshift.components.engine.loop import unwrap
 from segshift.components.engine.optim import build_optimizer
 from segshift.components.losses import normalised_entropy, segmentation_loss, upsample
-from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
+from segshift.components.methods.base import Backward, Batch, Method, MethodSpec, OptimizerSpec
 from segshift.components.models.base import SegOutput
 from segshift.components.models.discriminator import FCDiscriminator
 
@@ -155,3 +155,11 @@ class OutputSpaceAdaptation(Method):
             backward(loss_fake)
             logs[f"d_{level}"] = loss_real.detach() + loss_fake.detach()
         return logs
+
+
+def build(model: nn.Module, cfg: AdaptationStageConfig, params, round=None) -> OutputSpaceAdaptation:
+    """ADVENT, AdaptSegNet and MinEnt share one step; the stage's `method` names the variant."""
+    return OutputSpaceAdaptation(model, cfg)
+
+
+METHODS = tuple(MethodSpec(name, build) for name in ("advent", "adaptsegnet", "minent"))

@@ -52,7 +52,7 @@ from torch import nn
 
 from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from segshift.components.data.labels import IGNORE_INDEX
-from segshift.components.methods.base import Backward, Batch, Method, check_same_size
+from segshift.components.methods.base import Backward, Batch, Method, MethodSpec, check_same_size
 
 #: the reference's teacher momentum and confidence threshold
 DEFAULT_EMA_ALPHA = 0.99
@@ -388,3 +388,10 @@ class DACS(Method):
                      "pasted_share": mask.float().mean()})
         logs["loss"] = logs["loss"] + self.dacs.mixed_weight * mixed
         return {name: value.detach() for name, value in logs.items()}
+
+
+def build(model: nn.Module, cfg, params, round=None) -> DACS:
+    return DACS(model, cfg, params.methods.dacs, seed=params.engine.seed)
+
+
+METHOD = MethodSpec("dacs", build)

@@ -6,7 +6,7 @@ upsampled back to full size) gives high-entropy, often wrong predictions, so the
 on the *full* image is a good pseudo-label for the *zoomed* patch. Training on such
 "scale-invariant examples" teaches the network to label an object the same whatever its size.
 
-One round (the orchestration lives in pipelines/rounds.py; these are its parts), as the authors'
+One round (`rounds` at the end of this module runs them; these are its parts), as the authors'
 code does it (github.com/MNaseerSubhani/LSE, `LSE.py` at 357d607be129a2e89fd44adf232f0ec351d1f32f,
 `Base_Adaptation.class_wise_sort`, `Generate`, `train_adp` and the `__main__` loop):
 
@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES
-from segshift.components.losses import upsample
-from segshift.components.methods.base import Backward, Batch, Method
+from segshift.components.losses import normalised_entropy, upsample
+from segshift.components.methods.base import Backward, Batch, Method, MethodSpec
+from segshift.components.methods.rounds import (Round, RoundContext, probabilities, source_and_target,
+                                                split_iterations)
 
 REFERENCE_SHARE_START = 0.1
 REFERENCE_SHARE_STEP = 0.05
@@ -410,3 +412,67 @@ class LSE(Method):
         logs["target"] = target
         logs["loss"] = logs["loss"] + self.lse.target_weight * target
         return {name: value.detach() for name, value in logs.items()}
+
+
+# -- the rounds -------------------------------------------------------------------------------------
+
+def pseudo_labels(context: RoundContext, init: str | None, share: float, desc: str) -> tuple[dict, dict]:
+    """The round's confident images (per class, the reference's int(n_c * p / 19) most confident)
+    and their labels: pixels whose per-class normalised entropy reaches their class's threshold,
+    taken from that class's boundary image (the first one not kept), become IGNORE."""
+    model, size = context.model(init), context.image_size
+    ids, scores, predicted, entropy = [], [], [], []
+    for batch_ids, (out,) in context.predict([model], desc):
+        probs = probabilities(out, size)
+        ids += batch_ids
+        scores.append(class_confidence_scores(probs).cpu())
+        predicted.append(probs.argmax(1).to(torch.uint8).cpu())
+        entropy.append(normalised_entropy(probs).to(torch.float16).cpu())
+    selection = class_selection(torch.cat(scores), share)
+    chosen = selection.images
+    predicted, entropy = torch.cat(predicted), torch.cat(entropy)
+    boundary = {c: (entropy[i].float(), predicted[i].long())
+                for c, i in enumerate(selection.boundary) if i is not None}
+    thresholds = class_entropy_thresholds(boundary, NUM_CLASSES)
+    labels = {ids[i]: select_pseudo_labels(predicted[i].long(), entropy[i].float(), thresholds).numpy()
+              for i in chosen}
+    labelled = float(np.mean([(label != IGNORE_INDEX).mean() for label in labels.values()])) if labels else 0.0
+    report = {"share": share, "images": len(chosen), "labelled_pixels": labelled,
+              # null: the class keeps every pixel (its boundary image's entropies were all equal)
+              "entropy_thresholds": [round(float(t), 6) if np.isfinite(float(t)) else None for t in thresholds]}
+    return labels, report
+
+
+def rounds(context: RoundContext) -> dict:
+    """Per round r the share p_r (0.1, 0.15, ... 0.4): per class the int(n_c * p_r / 19) most
+    confident images (the reference's rule), their pixels under their class's entropy threshold
+    (from the class's first image not kept) as pseudo-labels; each round starts from the previous
+    round's selected model. Returns what the rounds labelled, for the stage's metrics."""
+    lse = context.params.methods.lse
+    count = schedule_rounds(lse.share_start, lse.share_step, lse.share_max)
+    init, reports = None, []
+    for r, iterations in enumerate(split_iterations(context.cfg.iterations, count)):
+        name = f"round-{r + 1}"
+        saved = context.labelled_before(name)
+        if saved is None:
+            share = share_schedule(r, lse.share_start, lse.share_step, lse.share_max)
+            labels, report = pseudo_labels(context, init, share, f"lse {name}: pseudo-labels")
+            context.need_images(name, list(labels))
+            spec = context.round_spec(name, "lse", iterations,
+                                      source_and_target(f"{name}/labels", sorted(labels), "pseudo"), init)
+            context.save_round(spec, report, context.write_labels(name, labels))
+        else:
+            spec, report = Round(**saved["round"]), saved["report"]
+        context.log({"lse_share": report["share"], "lse_images": report["images"],
+                     "lse_labelled_pixels": report["labelled_pixels"]})
+        reports.append({"round": name, **report})
+        context.train(spec)
+        init = f"{name}/best.pt"
+    return {"rounds": reports}
+
+
+def build_step(model: nn.Module, cfg, params, round: Round | None = None) -> LSE:
+    return LSE(model, cfg, params.methods.lse, seed=params.engine.seed)
+
+
+METHOD = MethodSpec("lse", None, steps={"lse": build_step}, rounds=rounds, bench=(("lse", "lse", "source"),))

@@ -10,7 +10,7 @@ from torch import nn
 
 from segshift.components.config import SupervisedStageConfig
 from segshift.components.losses import segmentation_loss
-from segshift.components.methods.base import Backward, Batch, Method
+from segshift.components.methods.base import Backward, Batch, Method, MethodSpec
 
 
 class Supervised(Method):
@@ -26,3 +26,10 @@ class Supervised(Method):
         losses = segmentation_loss(self.modules["model"](images), labels, self.cfg.aux_weight)
         backward(losses["loss"])
         return {name: value.detach() for name, value in losses.items()}
+
+
+def build(model: nn.Module, cfg, params, round=None) -> Supervised:
+    return Supervised(model, cfg)
+
+
+METHOD = MethodSpec("supervised", build, bench=(("supervised", None, "source"),))

@@ -11,7 +11,7 @@ from segshift.components.data.dataset import read_label
 from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.data.manifest import read_manifest
 from segshift.pipelines.cli import main
-from segshift.pipelines.rounds import select_round, split_iterations
+from segshift.pipelines.rounds import select_round
 from tests.conftest import write_params
 
 FAST = {"source.iterations": 2, "source.batch_size": 2, "inter.batch_size": 2,
@@ -51,11 +51,6 @@ def inter_run(project: Path):
     runs = client.search_runs([experiment.experiment_id], "tags.`segshift.stage` = 'inter'",
                               order_by=["attributes.start_time DESC"])
     return client, runs[0]
-
-
-def test_split_iterations_shares_every_step():
-    assert split_iterations(10, 3) == [4, 3, 3]
-    assert split_iterations(2, 3) == [1, 1, 1]      # every round trains at least once
 
 
 def _candidate(name: str, metric: str, value: float | None):
@@ -338,8 +333,8 @@ def test_a_persons_label_of_the_wrong_size_format_or_ids_is_refused_naming_the_f
 
 def _every_pixel_uncertain(monkeypatch):
     """The two heads disagree everywhere: the budgets, not the masks, decide what is asked."""
-    from segshift.components.methods import labor as labor_lib
-    monkeypatch.setattr(labor_lib, "inconsistency_mask", lambda a, b: torch.ones(a.argmax(1).shape, dtype=torch.bool))
+    from segshift.components.methods.labor import step as labor_step     # where the rounds call it
+    monkeypatch.setattr(labor_step, "inconsistency_mask", lambda a, b: torch.ones(a.argmax(1).shape, dtype=torch.bool))
 
 
 def test_labor_spl_books_show_the_papers_share_of_pixels_in_all_stages(project, monkeypatch):

@@ -1,50 +1,12 @@
-"""LabOR: the defining mechanisms of "Labeling Only if Required" (Shin et al., ICCV 2021).
-
-Unsupervised adaptation stays well below supervised training; LabOR closes most of the gap by
-asking a human for labels on the few target pixels the model is unsure about. Per stage (3 in the
-paper, human in the loop):
-
-1. Pixel selector B: a copy of the adapted model A's feature extractor with *two* copies of its
-   classifier (`TwoHeadSegmenter`). B learns from A's pseudo-labels (cross-entropy, both heads),
-   and, as in MCD (Saito et al., CVPR 2018), the heads are trained to *maximise* their discrepancy
-   (`head_discrepancy`, L1 between the softmax maps) while the feature extractor *minimises* it.
-   Where the heads still disagree, the features are ambiguous: that is where labels help.
-2. Inconsistency mask M: the pixels where the two heads' argmax differ (`inconsistency_mask`).
-3. Labelling, by an `Annotator` (the `OracleAnnotator` in experiments, a person in production):
-   - SPL, segment-based: every pixel of M (about 2.2 % of the pixels in the paper, all stages
-     together); `segment_based_selection` also caps it at a label budget, most uncertain pixels
-     first, and `spl_stage_share` spreads 2.2 % of each image over the stages.
-   - PPL, point-based: 40 points per image in the paper, all stages together here
-     (`points_per_stage`: 14 + 13 + 13 over 3 stages). The paper picks, per class
-     k, a prototype (the mean probability vector of the uncertain pixels predicted as k) and
-     labels the pixels whose probabilities are closest to it (`prototype_point_selection`);
-     `point_based_selection` is a spatial variant: one point per connected inconsistent region,
-     where the heads disagree most.
-4. A is trained on source + the revealed target pixels (cross-entropy), AdaptSegNet's output-space
-   adversarial loss kept (`AnnotatedTargetTraining`); before stage 1 it is adapted with that loss
-   alone (the pipeline's `adapt` round), so the first selection starts from a UDA model as in the
-   paper.
-
-Sign convention of the discrepancy for the training step (d = `head_discrepancy(p_a, p_b)` >= 0,
-on target images, p_* the softmax maps of the two heads):
-  - heads step (feature extractor frozen or detached features):  loss = CE(pseudo) - lambda * d
-    i.e. the heads *maximise* d while still fitting the pseudo-labels;
-  - feature step (heads frozen):                                  loss = + d
-    i.e. the feature extractor *minimises* d.
-The L1 gradient is sign(p_a - p_b): two identical heads get no gradient at all, hence the small
-perturbation of the second head in `TwoHeadSegmenter`.
-
-Checked against the paper's description (the authors' summary in the awesome-reviews review of
-the ICCV 2021 paper: Eq. 4 inconsistency mask, Loss 5 pseudo-label loss, Loss 6 classifier
-discrepancy from MCD; PPL = per-class prototype of the uncertain pixels, nearest pixels labelled).
-The paper's code is not public.
-"""
+"""LabOR's parts that run inside a training step or on one batch of predictions: the two-head
+pixel selector and its MCD game (`PixelSelectorTraining`), model A's step on source + revealed
+target pixels (`AnnotatedTargetTraining`), the inconsistency mask and the SPL / PPL selections.
+The method as a whole is described in `segshift.components.methods.labor` (its __init__)."""
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -373,107 +335,6 @@ def _ppl_prototype_image(mask: np.ndarray, probs: np.ndarray, points: int) -> np
     return out.reshape(mask.shape)
 
 
-# --- who labels: the annotator interface ----------------------------------------------------------
-
-@runtime_checkable
-class Annotator(Protocol):
-    """Whoever labels the selected pixels: the oracle in experiments, a labelling tool in use.
-
-    `reveal(sample_ids, masks)` gets, per target sample, a bool (H, W) map of the pixels asked for
-    and returns, per sample, an (H, W) label map with the class of every asked pixel (IGNORE_INDEX
-    where the annotator saw void) and IGNORE_INDEX everywhere else: never a label for a pixel that
-    was not asked for. `start_stage(name)` tells it a new labelling stage begins (for its books or
-    its user interface).
-    """
-
-    def start_stage(self, name: str) -> None: ...
-
-    def reveal(self, sample_ids: Sequence[str], masks: Sequence[np.ndarray]) -> list[np.ndarray]: ...
-
-
-class OracleAnnotator:
-    """An annotator that knows the ground truth: reveals it for the asked pixels only, and keeps
-    books per stage of what that cost.
-
-    Per stage (`ledger`, one dict per stage, in order): `stage` name, `queries` (reveal calls),
-    `images` (distinct samples asked about), `pixels` (pixels answered, a pixel asked twice counts
-    twice: a person would label it twice), `new_pixels` (pixels never revealed before),
-    `share` (pixels / all target pixels), `regions` (8-connected regions of the asked masks: the
-    segments or clicks a person would handle; for point labelling, the number of points unless two
-    touch). Reveals before any `start_stage` go to a stage named "default".
-
-    `ground_truth` maps sample id -> (H, W) integer label map (train ids, IGNORE_INDEX for void);
-    it is read, never copied or modified. All target pixels = the sum of their sizes.
-    """
-
-    def __init__(self, ground_truth: Mapping[str, np.ndarray], total_pixels: int | None = None):
-        self._truth = ground_truth
-        # given when `ground_truth` is read lazily (from files): counting would read every map
-        self.total_pixels = int(total_pixels if total_pixels is not None else
-                                sum(np.asarray(label).size for label in ground_truth.values()))
-        if self.total_pixels == 0:
-            raise ValueError("the oracle needs ground truth for at least one target pixel")
-        self._ledger: list[dict] = []
-        self._stage_images: list[set[str]] = []
-        self._revealed: dict[str, np.ndarray] = {}
-
-    def start_stage(self, name: str) -> None:
-        name = str(name)
-        if any(entry["stage"] == name for entry in self._ledger):
-            raise ValueError(f"labelling stage {name!r} already exists; stage names must be unique")
-        self._ledger.append({"stage": name, "queries": 0, "images": 0, "pixels": 0, "new_pixels": 0,
-                             "share": 0.0, "regions": 0})
-        self._stage_images.append(set())
-
-    def reveal(self, sample_ids: Sequence[str], masks: Sequence[np.ndarray]) -> list[np.ndarray]:
-        sample_ids = list(sample_ids)
-        masks = [_as_numpy(m) for m in masks]
-        if len(sample_ids) != len(masks):
-            raise ValueError(f"{len(sample_ids)} sample ids but {len(masks)} masks")
-        checked = []
-        for sample_id, mask in zip(sample_ids, masks):      # check everything before answering
-            if sample_id not in self._truth:
-                raise ValueError(f"no ground truth for sample {sample_id!r}")
-            truth = np.asarray(self._truth[sample_id])
-            mask = _as_mask(mask, f"mask of {sample_id!r}")
-            if mask.shape != truth.shape:
-                raise ValueError(f"mask of {sample_id!r} is {mask.shape}, its ground truth {truth.shape}")
-            checked.append((sample_id, truth, mask))
-        if not self._ledger:
-            self.start_stage("default")
-        entry, images = self._ledger[-1], self._stage_images[-1]
-        labels = []
-        for sample_id, truth, mask in checked:
-            answer = np.full(truth.shape, IGNORE_INDEX, dtype=truth.dtype)
-            answer[mask] = truth[mask]
-            labels.append(answer)
-            seen = self._revealed.setdefault(sample_id, np.zeros(truth.shape, bool))
-            entry["pixels"] += int(mask.sum())
-            entry["new_pixels"] += int((mask & ~seen).sum())
-            entry["regions"] += connected_regions(mask)[0]
-            seen |= mask
-            images.add(sample_id)
-        entry["queries"] += 1
-        entry["images"] = len(images)
-        entry["share"] = entry["pixels"] / self.total_pixels
-        return labels
-
-    @property
-    def ledger(self) -> list[dict]:
-        """The books, one dict per stage (copies: editing them changes nothing)."""
-        return [dict(entry) for entry in self._ledger]
-
-    @property
-    def revealed_pixels(self) -> int:
-        """Distinct target pixels revealed so far, over all stages."""
-        return int(sum(int(seen.sum()) for seen in self._revealed.values()))
-
-    @property
-    def revealed_share(self) -> float:
-        """Distinct revealed pixels / all target pixels."""
-        return self.revealed_pixels / self.total_pixels
-
-
 class PixelSelectorTraining(Method):
     """One step of LabOR's pixel-selector model B (roles: `pseudo` = target images with model A's
     pseudo-labels), the MCD game of Saito et al. 2018 in one engine step:
@@ -605,3 +466,13 @@ class AnnotatedTargetTraining(OutputSpaceAdaptation):
         logs.update(self._discriminator_step(output_levels(source_out), target_levels, weights,
                                              tuple(images.shape[-2:]), size, backward))
         return {name: value.detach() for name, value in logs.items()}
+
+
+def build_selector(model: nn.Module, cfg, params, round=None) -> PixelSelectorTraining:
+    """Pixel selector B's step (round `<stage>-selector`): two heads over a copy of model A."""
+    return PixelSelectorTraining(TwoHeadSegmenter(model, seed=params.engine.seed), cfg, params.methods.labor)
+
+
+def build_model_a(model: nn.Module, cfg, params, round=None) -> AnnotatedTargetTraining:
+    """Model A's step (rounds `adapt` and `stage-<k>`): source + the revealed target pixels."""
+    return AnnotatedTargetTraining(model, cfg)
