@@ -78,13 +78,17 @@ class OutputSpaceAdaptation(Method):
         self.cfg = cfg
         self.add_segmenter(model, cfg.optimizer)
         if cfg.method != "minent":
-            d_cfg = cfg.discriminator
-            for level, weight in self.level_weights.items():
-                if weight > 0:
-                    disc = FCDiscriminator(num_classes, d_cfg.ndf)
-                    self.modules[f"d_{level}"] = disc
-                    self.optimizers[f"d_{level}"] = OptimizerSpec(build_optimizer(disc, d_cfg.optimizer),
-                                                                  d_cfg.optimizer)
+            self._add_discriminators(num_classes)
+
+    def _add_discriminators(self, num_classes: int) -> None:
+        """One output-space discriminator, with its optimiser, per level whose weight is > 0."""
+        d_cfg = self.cfg.discriminator
+        for level, weight in self.level_weights.items():
+            if weight > 0:
+                disc = FCDiscriminator(num_classes, d_cfg.ndf)
+                self.modules[f"d_{level}"] = disc
+                self.optimizers[f"d_{level}"] = OptimizerSpec(build_optimizer(disc, d_cfg.optimizer),
+                                                              d_cfg.optimizer)
 
     @property
     def level_weights(self) -> dict[str, float]:

@@ -384,17 +384,10 @@ class LSE(Method):
         self.cfg, self.lse, self.seed = stage_cfg, lse_cfg, seed
         self.add_segmenter(model, stage_cfg.optimizer)
 
-    def crops_per_image(self, images: torch.Tensor) -> int:
-        """`crops_per_image`, or 1 where the crop is the whole image (scale 1): every crop would be
-        the same full image, and copies of it add compute but change neither the per-pixel mean
-        loss nor the batch-norm statistics."""
-        height, width = images.shape[-2:]
-        return 1 if crop_size(height, width, self.lse.scale) == (height, width) else self.lse.crops_per_image
-
     def scale_invariant_batch(self, images: torch.Tensor, labels: torch.Tensor,
                               step: int) -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        copies = self.crops_per_image(images)
+        copies = self.lse.crops_per_image
         examples = [scale_invariant_crop(image, label, self.lse.scale, generator)
                     for image, label in zip(images, labels) for _ in range(copies)]
         return (torch.stack([e.image for e in examples]).to(images.dtype),

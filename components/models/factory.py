@@ -32,41 +32,6 @@ class ModelError(ValueError):
     """A model that cannot be built or weights that do not fit it; the message names file and key."""
 
 
-class FrozenBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that always normalises with its stored statistics and never learns its affine.
-
-    A subclass rather than torchvision's buffer-only FrozenBatchNorm2d so the state dict, and so
-    every checkpoint, is the same whether or not BN is frozen. It stays in eval mode through
-    `model.train()`, and its forward detaches the affine parameters, so even a later
-    `requires_grad_(True)` over the whole model cannot make them learn.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, device: torch.device | None = None, dtype: torch.dtype | None = None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats=True,
-                         device=device, dtype=dtype)
-        self.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> "FrozenBatchNorm2d":
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.detach() if self.weight is not None else None
-        bias = self.bias.detach() if self.bias is not None else None
-        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias,
-                            training=False, momentum=0.0, eps=self.eps)
-
-    @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "FrozenBatchNorm2d":
-        if not bn.track_running_stats:
-            raise ModelError(f"cannot freeze {bn}: it keeps no running statistics")
-        ref = bn.running_mean
-        frozen = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, device=ref.device, dtype=ref.dtype)
-        frozen.load_state_dict(bn.state_dict())
-        return frozen
-
-
 class AffineFrozenBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm as ADVENT's DeepLab-v2 runs it: affine frozen, statistics as in plain BatchNorm.
 
@@ -76,7 +41,7 @@ class AffineFrozenBatchNorm2d(nn.BatchNorm2d):
     variance (momentum 0.1, PyTorch's default); in eval mode it normalises with those running
     statistics; its scale and shift never change. This layer does the same, and its forward
     detaches the affine parameters so that a later `requires_grad_(True)` cannot make them learn.
-    The state dict is plain BatchNorm's.
+    A subclass of BatchNorm2d, so the state dict (and every checkpoint) is plain BatchNorm's.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -100,7 +65,7 @@ class AffineFrozenBatchNorm2d(nn.BatchNorm2d):
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "AffineFrozenBatchNorm2d":
         if not bn.track_running_stats:
-            raise ModelError(f"cannot use reference BatchNorm for {bn}: it keeps no running statistics")
+            raise ModelError(f"cannot make {bn} a {cls.__name__}: it keeps no running statistics")
         ref = bn.running_mean
         layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, device=ref.device, dtype=ref.dtype)
         layer.load_state_dict(bn.state_dict())
@@ -108,26 +73,43 @@ class AffineFrozenBatchNorm2d(nn.BatchNorm2d):
         return layer
 
 
-def reference_batchnorm(module: nn.Module) -> int:
-    """Replace every plain BatchNorm2d inside `module` by an AffineFrozenBatchNorm2d in place."""
+class FrozenBatchNorm2d(AffineFrozenBatchNorm2d):
+    """BatchNorm that always normalises with its stored statistics and never learns its affine:
+    the affine-frozen layer kept in eval mode through `model.train()`.
+
+    A subclass rather than torchvision's buffer-only FrozenBatchNorm2d so the state dict, and so
+    every checkpoint, is the same whether or not BN is frozen.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__(num_features, eps, momentum, affine, device=device, dtype=dtype)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "FrozenBatchNorm2d":
+        return super().train(False)
+
+
+def replace_batchnorm(module: nn.Module, layer: type[AffineFrozenBatchNorm2d]) -> int:
+    """Replace every BatchNorm2d inside `module` that is not already a `layer` by one, in place;
+    returns how many."""
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.BatchNorm2d:
-                setattr(parent, name, AffineFrozenBatchNorm2d.from_batchnorm(child))
+            if isinstance(child, nn.BatchNorm2d) and not isinstance(child, layer):
+                setattr(parent, name, layer.from_batchnorm(child))
                 replaced += 1
     return replaced
+
+
+def reference_batchnorm(module: nn.Module) -> int:
+    """Every BatchNorm2d inside `module` as ADVENT runs it (AffineFrozenBatchNorm2d), in place."""
+    return replace_batchnorm(module, AffineFrozenBatchNorm2d)
 
 
 def freeze_batchnorm(module: nn.Module) -> int:
-    """Replace every BatchNorm2d inside `module` by a FrozenBatchNorm2d in place; returns how many."""
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.BatchNorm2d) and not isinstance(child, FrozenBatchNorm2d):
-                setattr(parent, name, FrozenBatchNorm2d.from_batchnorm(child))
-                replaced += 1
-    return replaced
+    """Every BatchNorm2d inside `module` frozen (FrozenBatchNorm2d), in place; returns how many."""
+    return replace_batchnorm(module, FrozenBatchNorm2d)
 
 
 def build_model(cfg: ModelConfig, num_classes: int | None = None, endpoint_url: str | None = None) -> nn.Module:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from segshift.components.data.labels import IGNORE_INDEX
-from segshift.components.losses import upsample
-from segshift.components.methods.advent import OutputSpaceAdaptation
+from segshift.components.data.labels import NUM_CLASSES
+from segshift.components.losses import segmentation_loss, upsample
+from segshift.components.methods.advent import OutputSpaceAdaptation, output_levels
 from segshift.components.methods.base import Backward, Batch, Method, OptimizerSpec
 from segshift.components.models.base import SegOutput
 
@@ -414,18 +414,10 @@ class AnnotatedTargetTraining(OutputSpaceAdaptation):
 
     def __init__(self, model: nn.Module, stage_cfg, adversarial: bool = True,
                  num_classes: int | None = None):
-        from segshift.components.data.labels import NUM_CLASSES
-        from segshift.components.engine.optim import build_optimizer
-        from segshift.components.models.discriminator import FCDiscriminator
         Method.__init__(self)
         self.cfg, self.adversarial = stage_cfg, bool(adversarial)
         self.add_segmenter(model, stage_cfg.optimizer)
-        d_cfg = stage_cfg.discriminator
-        for level, weight in self.level_weights.items():
-            if weight > 0:
-                disc = FCDiscriminator(num_classes or NUM_CLASSES, d_cfg.ndf)
-                self.modules[f"d_{level}"] = disc
-                self.optimizers[f"d_{level}"] = OptimizerSpec(build_optimizer(disc, d_cfg.optimizer), d_cfg.optimizer)
+        self._add_discriminators(num_classes or NUM_CLASSES)
 
     @property
     def level_weights(self) -> dict[str, float]:
@@ -437,9 +429,6 @@ class AnnotatedTargetTraining(OutputSpaceAdaptation):
         return upsample(logits, size).float().softmax(1)         # AdaptSegNet: the softmax map
 
     def training_step(self, batch: Batch, step: int, backward: Backward) -> dict[str, torch.Tensor]:
-        from segshift.components.engine.loop import unwrap
-        from segshift.components.losses import segmentation_loss
-        from segshift.components.methods.advent import LABELLED_DOMAIN, domain_loss, frozen, output_levels
         model = self.modules["model"]
         images, labels = batch["labelled"]
         target_images, target_labels = batch["annotated"]
@@ -453,11 +442,7 @@ class AnnotatedTargetTraining(OutputSpaceAdaptation):
         target = segmentation_loss(target_out, target_labels, self.cfg.aux_weight)["loss"]
         target_levels = output_levels(target_out)
         weights = {level: w for level, w in self.level_weights.items() if w > 0 and level in target_levels}
-        align = {}
-        for level in weights:        # the discriminators frozen and unwrapped, as in advent.py
-            with frozen(unwrap(self.modules[f"d_{level}"])) as disc:
-                verdict = disc(self.discriminator_input(target_levels[level], size))
-            align[level] = domain_loss(verdict, LABELLED_DOMAIN)
+        align = self._alignment_losses(target_levels, weights, size)
         adversarial = sum((weights[level] * loss for level, loss in align.items()), torch.zeros(()))
         backward(target + adversarial.to(target.device))
         logs["target"] = target
