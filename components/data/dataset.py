@@ -32,9 +32,14 @@ def read_label(path: Path) -> np.ndarray:
         raise ManifestError(f"{path}: cannot read label ({error.strerror or error})") from None
     except ImageCheckError as error:
         raise ManifestError(str(error)) from None
+    return decode_label(data, str(path))
+
+
+def decode_label(data: bytes, name: str) -> np.ndarray:
+    """The train-id map of PNG bytes already read; ManifestError naming `name` otherwise."""
     label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if label is None or label.ndim != 2 or label.dtype != np.uint8:
-        raise ManifestError(f"{path}: expected a single-channel uint8 train-id PNG")
+        raise ManifestError(f"{name}: expected a single-channel uint8 train-id PNG")
     return label
 
 

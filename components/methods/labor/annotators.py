@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from segshift.components.data.dataset import PreparedSplit, read_label
+from segshift.components.data.dataset import PreparedSplit, decode_label, read_label
 from segshift.components.data.image_checks import ImageCheckError, header_size, require_png
 from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES, invalid_train_ids
 from segshift.components.io import write_png
@@ -192,7 +192,7 @@ class FileAnnotator:
             got = f"{size[0]}x{size[1]}" if size else "of unreadable size"
             raise AnswerError(f"{path}: the label is {got}, its request {shape[1]}x{shape[0]} "
                               "(width x height); label the request's image at its own size")
-        bad = invalid_train_ids(read_label(path))
+        bad = invalid_train_ids(decode_label(data, str(path)))
         if bad:
             raise AnswerError(f"{path}: train id(s) {bad[:10]} are neither a class (0..{NUM_CLASSES - 1}) "
                               f"nor ignore ({IGNORE_INDEX})")
