@@ -687,6 +687,7 @@ class CompareConfig(_Strict):
     seeds: list[Seed] = Field(min_length=1, max_length=MAX_SEEDS)
     out_dir: str                        # <out_dir>/<entry>/seed-<n>/: each run's models, metrics, reports
     report: str                         # compare.md; compare.json and the PNG charts beside it
+    records: str                        # <records>/<entry>/seed-<n>.json: each finished run's result (committed)
     set: dict[str, Any]                 # dotted key -> value for every entry (the comparison's budget)
     entries: dict[str, CompareEntry] = Field(min_length=1, max_length=200)
 

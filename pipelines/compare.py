@@ -9,8 +9,12 @@ entry's `set`, then `engine.seed` and every output path moved under
 Entries whose stage list starts with `source` and whose source-relevant settings (model, engine,
 source, prepare, storage) are identical share one source training per seed, run once under
 `<compare.out_dir>/_source/<hash>/seed-<n>/` and copied into each entry's run directory before
-its next stage. A run whose result exists for identical params is skipped; an interrupted stage
-resumes from its checkpoint. Writes `compare.report` (markdown) with `compare.json`,
+its next stage. Each finished run leaves a small record, `<compare.records>/<entry>/seed-<n>.json`
+(its params' identity, the commit it ran, every stage's metrics with the val curve; no weights),
+meant to be committed: a run recorded for identical params is not trained again, on any machine,
+so the report can be rebuilt from the records alone and an interrupted comparison continues with
+the missing runs. Without a record, a run whose result exists in its directory for identical
+params is skipped too; an interrupted stage resumes from its checkpoint. Writes `compare.report` (markdown) with `compare.json`,
 `compare_miou.png` and `compare_per_class.png` beside it, and logs them to an MLflow run
 "compare".
 """
@@ -271,17 +275,56 @@ def run_record(run: "Run") -> dict[str, Any]:
     return {"stages": list(run.stages), "params": run.params.model_dump(mode="json")}
 
 
+def _essential(tree: Any) -> Any:
+    """A run record without its `compare` section: a run's own settings from it are already
+    applied to its params, and the rest (the other entries, the seeds, the report) does not
+    change what this run trains, so adding an entry to the comparison must not make every
+    finished run train again."""
+    if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
+        return None
+    return {**tree, "params": {k: v for k, v in tree["params"].items() if k != "compare"}}
+
+
 def same_run(recorded: Any, record: dict[str, Any]) -> bool:
-    """Whether a recorded run did what `record` asks for. The `compare` section is left out: a
-    run's own settings from it are already applied to its params, and the rest (the other
-    entries, the seeds, the report) does not change what this run trains, so adding an entry
-    to the comparison must not make every finished run train again."""
-    def essential(tree: Any) -> Any:
-        if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
-            return None
-        return {**tree, "params": {k: v for k, v in tree["params"].items() if k != "compare"}}
-    found = essential(recorded)
-    return found is not None and found == essential(record)
+    """Whether a recorded run did what `record` asks for (`_essential` of both equal)."""
+    found = _essential(recorded)
+    return found is not None and found == _essential(record)
+
+
+def run_identity(run: "Run") -> str:
+    """What a run trains, as a hash: equal for equal stages and params (the compare section aside)."""
+    return hashlib.sha256(json.dumps(_essential(run_record(run)), sort_keys=True).encode()).hexdigest()
+
+
+def record_path(run: "Run", project_dir: Path) -> Path:
+    return resolve_under(project_dir, run.params.compare.records) / run.entry / f"seed-{run.seed}.json"
+
+
+def read_record(run: "Run", project_dir: Path) -> dict | None:
+    """The committed result of this run if it was recorded for the same params, else None."""
+    path = record_path(run, project_dir)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompareError(f"{path}: not a run record ({exc}); delete it to train the run again") from None
+    if not isinstance(record, dict) or record.get("identity") != run_identity(run):
+        return None
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict) or any(not isinstance(metrics.get(s), dict) for s in run.stages):
+        raise CompareError(f"{path}: a run record without the metrics of every stage of {list(run.stages)}; "
+                           "delete it to train the run again")
+    return record
+
+
+def write_record(run: "Run", project_dir: Path, metrics: dict[str, dict]) -> None:
+    """The run's small, committed result: its identity, the code it ran, every stage's metrics
+    (test and val scores, selected step, steps, val curve) — never weights."""
+    from segshift.pipelines.tracking import git_commit
+    record = {"entry": run.entry, "seed": run.seed, "stages": list(run.stages), "identity": run_identity(run),
+              "commit": git_commit(project_dir), "metrics": metrics}
+    atomic_write_text(record_path(run, project_dir), strict_json(record))
 
 
 def _score(metrics: dict) -> str:
@@ -328,10 +371,12 @@ def copy_source(shared: SourceRun, params: Params, project_dir: Path) -> None:
 
 
 def execute(run: Run, project_dir: Path, progress: bool) -> dict[str, dict]:
-    """Run one entry for one seed (unless done before); every stage's metrics."""
-    from segshift.pipelines.rank import rank_stage
-    from segshift.pipelines.train import train_stage
+    """Run one entry for one seed unless it was recorded or done before; every stage's metrics."""
     label = f"{run.entry} seed {run.seed}"
+    recorded = read_record(run, project_dir)
+    if recorded is not None:
+        print(f"compare: {label}: recorded before ({record_path(run, project_dir)}); skipped", flush=True)
+        return {stage: recorded["metrics"][stage] for stage in dict.fromkeys(run.stages)}
     run_dir = resolve_under(project_dir, run.run_dir)
     used = run_dir / "params.yaml"
     record = run_record(run)
@@ -339,23 +384,32 @@ def execute(run: Run, project_dir: Path, progress: bool) -> dict[str, dict]:
     if result.is_file() and used.is_file() and same_run(load_yaml_file(used, "run record"), record):
         print(f"compare: {label}: done before ({run.run_dir}); skipped", flush=True)
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        result.unlink(missing_ok=True)
-        for i, stage in enumerate(run.stages):
-            if i == 0 and run.source is not None:
-                metrics, ran = ensure_source(run.source, project_dir, progress, label)
-                copy_source(run.source, run.params, project_dir)
-                how = "trained" if ran else "reused"
-                print(f"compare: {label}: source done{_score(metrics)}, shared ({how}: "
-                      f"{run.source.run_dir})", flush=True)
-                continue
-            if stage == "rank":
-                metrics = rank_stage(run.params, project_dir, progress=progress)
-            else:
-                metrics = train_stage(run.params, stage, project_dir, progress=progress)
-            print(f"compare: {label}: {stage} done{_score(metrics)}", flush=True)
+        train_run(run, project_dir, progress, label)
         atomic_write_text(used, _identity(record))
-    return {stage: read_metrics(run.params, project_dir, stage) for stage in dict.fromkeys(run.stages)}
+    metrics = {stage: read_metrics(run.params, project_dir, stage) for stage in dict.fromkeys(run.stages)}
+    write_record(run, project_dir, metrics)
+    return metrics
+
+
+def train_run(run: Run, project_dir: Path, progress: bool, label: str) -> None:
+    """Every stage of the run in order, the shared source trained once per seed."""
+    from segshift.pipelines.rank import rank_stage
+    from segshift.pipelines.train import train_stage
+    resolve_under(project_dir, run.run_dir).mkdir(parents=True, exist_ok=True)
+    metrics_path(run.params, project_dir, run.reported).unlink(missing_ok=True)
+    for i, stage in enumerate(run.stages):
+        if i == 0 and run.source is not None:
+            metrics, ran = ensure_source(run.source, project_dir, progress, label)
+            copy_source(run.source, run.params, project_dir)
+            how = "trained" if ran else "reused"
+            print(f"compare: {label}: source done{_score(metrics)}, shared ({how}: "
+                  f"{run.source.run_dir})", flush=True)
+            continue
+        if stage == "rank":
+            metrics = rank_stage(run.params, project_dir, progress=progress)
+        else:
+            metrics = train_stage(run.params, stage, project_dir, progress=progress)
+        print(f"compare: {label}: {stage} done{_score(metrics)}", flush=True)
 
 
 # -- the numbers ------------------------------------------------------------------------------------

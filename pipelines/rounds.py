@@ -70,6 +70,7 @@ class RoundRunner:
         self.offset = 0
         self.candidates: list[tuple[str, StageJob, dict]] = []   # rounds that train the stage's model
         self.earlier_seconds = 0.0      # training time of every round, spent before this run resumed
+        self.val_curve: list[dict] = []  # every candidate round's validations, on the stage's step axis
         job.pull_checkpoints()
 
     def labelled_before(self, name: str) -> dict | None:
@@ -93,6 +94,8 @@ class RoundRunner:
         self.earlier_seconds += summary.get("earlier_seconds", 0.0)
         if candidate:
             self.candidates.append((spec.name, job, summary))
+            self.val_curve += [{**point, "step": spec.step_offset + point["step"], "round": spec.name}
+                               for point in summary.get("val_curve", [])]
         return summary
 
     def round_spec(self, name: str, method: str, iterations: int, data: dict, init: str | None,
@@ -171,7 +174,7 @@ def run_rounds(job: StageJob, tracker) -> tuple[StageJob, dict]:
     runner = RoundRunner(job, tracker)
     extra = spec.rounds(runner)
     job, selected = select_round(runner.candidates, extra)
-    return job, {**selected, "earlier_seconds": runner.earlier_seconds}
+    return job, {**selected, "earlier_seconds": runner.earlier_seconds, "val_curve": runner.val_curve}
 
 
 def select_round(candidates: list[tuple[str, StageJob, dict]], extra: dict) -> tuple[StageJob, dict]:

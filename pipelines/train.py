@@ -306,7 +306,8 @@ def train_worker(job: StageJob, runtime: Runtime, log: Callable[[dict[str, float
     summary = {"steps": result.steps, "resumed_from": result.resumed_from,
                "selection": {"metric": result.selection.metric, "value": result.selection.value,
                              "step": result.selection.step},
-               "history": result.history, "earlier_seconds": result.earlier_seconds,
+               "history": result.history, "val_curve": result.val_curve,
+               "earlier_seconds": result.earlier_seconds,
                "speed": speed.record()}
     return summary
 
@@ -423,7 +424,8 @@ def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
                "selected_step": best["step"], "selection": summary["selection"],
                "steps": summary["steps"], "resumed_from": summary["resumed_from"],
                "seconds": round(seconds + summary.get("earlier_seconds", 0.0), 1),
-               "speed": summary.get("speed", {}), **summary.get("extra", {})}
+               "speed": summary.get("speed", {}), "val_curve": summary.get("val_curve", []),
+               **summary.get("extra", {})}
     write_stage_report(job, metrics, evaluation, model, test, device, tracker)
     if tracker is not None:
         tracker.log_params({"resolved": summary.get("speed", {})})

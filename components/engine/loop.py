@@ -90,6 +90,7 @@ class TrainResult:
     resumed_from: int
     selection: Selection
     history: list[dict[str, float]] = field(default_factory=list)
+    val_curve: list[dict[str, float]] = field(default_factory=list)   # every validation: step + metrics
     last_validation: dict[str, float] = field(default_factory=dict)
     earlier_seconds: float = 0.0    # training time of the runs this one resumed, from last.pt
 
@@ -164,6 +165,7 @@ class Trainer:
         restore_rng_state(state["rng"])
         self.selection = Selection(**state["selection"])
         self._history = state.get("history", [])
+        self._val_curve = state.get("val_curve", [])
         self._earlier_seconds = float(state.get("seconds", 0.0))
         if self.runtime.is_main:
             tqdm.write(f"resuming {self.desc} from step {state['step']} ({self.checkpoint_path})")
@@ -179,6 +181,7 @@ class Trainer:
             "selection": {"metric": self.selection.metric, "value": self.selection.value,
                           "step": self.selection.step},
             "history": self._history,
+            "val_curve": self._val_curve,
             # so that a resumed run can report the time the whole training took, not its own part
             "seconds": self._earlier_seconds + time.perf_counter() - self._started,
         }
@@ -193,6 +196,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, batches: BatchSource) -> TrainResult:
         self._history: list[dict[str, float]] = []
+        self._val_curve: list[dict[str, float]] = []
         self._earlier_seconds, self._started = 0.0, time.perf_counter()
         start = self._resume()
         self._place_modules()
@@ -219,7 +223,8 @@ class Trainer:
         finally:
             bar.close()
         return TrainResult(steps=self.iterations, resumed_from=start, selection=self.selection,
-                           history=self._history, last_validation=last_validation,
+                           history=self._history, val_curve=self._val_curve,
+                           last_validation=last_validation,
                            earlier_seconds=self._earlier_seconds)
 
     def _optimise_one_step(self, streams: dict[str, Iterator], step: int) -> dict[str, float]:
@@ -293,6 +298,7 @@ class Trainer:
             metrics = self.validate(model)
         finally:
             model.train()
+        self._val_curve.append({"step": step, **metrics})
         value = metrics[self.selection.metric]
         if self.selection.improves(value):
             self.selection.value, self.selection.step = value, step

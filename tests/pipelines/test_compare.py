@@ -24,6 +24,7 @@ COMPARE_SET = {"source.iterations": 2, "oracle.iterations": 2, "inter.iterations
 def compare_params(directory: Path, entries: dict | None = None, common: dict | None = None) -> Path:
     overrides = {**FAST, "compare.out_dir": str(directory / "runs"),
                  "compare.report": str(directory / "reports" / "compare.md"),
+                 "compare.records": str(directory / "records"),
                  "compare.set": COMPARE_SET if common is None else common,
                  "tracking.uri": f"sqlite:///{directory / 'mlflow.db'}"}
     if entries is not None:
@@ -277,3 +278,44 @@ def test_two_entries_two_seeds_end_to_end_then_a_rerun_skips_everything(tmp_path
                  "--seeds", "0", "1", "--quiet"]) == 0
     assert capsys.readouterr().out.count("skipped") == 4
     assert {p: p.stat().st_mtime_ns for p in sorted(runs.rglob("model.pt"))} == stamps
+
+
+def test_records_rebuild_the_report_without_the_runs_and_a_changed_setting_trains_again(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A finished run's record (committed; no weights) is enough to report it on a machine without
+    the run's directory; a record for other params is not reused."""
+    import shutil
+
+    from segshift.components.io import finite_or_none
+    entries = {"source-only": {"stages": ["source"]}}
+    params_path = compare_params(tmp_path, entries=entries)
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--params", str(params_path), "--quiet"]) == 0
+    assert main(["compare", "--params", str(params_path), "--seeds", "0", "--quiet"]) == 0
+    capsys.readouterr()
+    record = json.loads((tmp_path / "records" / "source-only" / "seed-0.json").read_text())
+    metrics = json.loads((tmp_path / "runs" / "source-only" / "seed-0" / "metrics" / "source.json").read_text())
+    assert record["entry"] == "source-only" and record["seed"] == 0 and record["stages"] == ["source"]
+    assert len(record["identity"]) == 64 and record["metrics"]["source"] == finite_or_none(metrics)
+    curve = record["metrics"]["source"]["val_curve"]
+    assert [p["step"] for p in curve] == [2] and curve[0]["val_miou"] == metrics["val"]["val_miou"]
+    assert not any(p.suffix == ".pt" for p in (tmp_path / "records").rglob("*"))
+    before = json.loads((tmp_path / "reports" / "compare.json").read_text())
+
+    shutil.rmtree(tmp_path / "runs")            # another machine: the records only
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run must not train")
+    with monkeypatch.context() as patch:
+        patch.setattr("segshift.pipelines.train.train_stage", no_training)
+        assert main(["compare", "--params", str(params_path), "--seeds", "0", "--quiet"]) == 0
+    assert "source-only seed 0: recorded before" in capsys.readouterr().out
+    after = json.loads((tmp_path / "reports" / "compare.json").read_text())
+    assert after["entries"]["source-only"]["miou"] == before["entries"]["source-only"]["miou"]
+
+    changed = compare_params(tmp_path, entries=entries, common={**COMPARE_SET, "source.iterations": 4})
+    assert main(["compare", "--params", str(changed), "--seeds", "0", "--quiet"]) == 0
+    assert "training the shared source" in capsys.readouterr().out
+    record = json.loads((tmp_path / "records" / "source-only" / "seed-0.json").read_text())
+    assert record["metrics"]["source"]["steps"] == 4
+    assert [p["step"] for p in record["metrics"]["source"]["val_curve"]] == [2, 4]
