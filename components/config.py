@@ -9,6 +9,7 @@ import numbers
 import os
 import reprlib
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -807,6 +808,19 @@ class Params(_Strict):
     calibrate: CalibrateConfig
     profile: ProfileConfig
 
+    # components/derive.py builds on this schema, hence the imports inside the methods.
+    def with_overrides(self, overrides: Mapping[str, Any], where: str, source: str | None = None) -> "Params":
+        """These params with each dotted key of `overrides` set, validated; errors name each
+        override `<where>.<key>` (see components/derive.py)."""
+        from segshift.components.derive import with_overrides
+        return with_overrides(self, overrides, where, source)
+
+    def relocated(self, run_dir: str | Path, seed: int | None = None) -> "Params":
+        """These params with every output path inside `run_dir` (the prepared data shared), and
+        `engine.seed` = `seed` if given."""
+        from segshift.components.derive import relocated
+        return relocated(self, run_dir, seed)
+
     @model_validator(mode="after")
     def _stages_fit_together(self) -> "Params":
         allowed_init = {"inter": ("source", "imagenet", "scratch"), "intra": ("inter", "imagenet", "scratch")}
@@ -888,21 +902,13 @@ def validate_params(raw: Any, source: str = "params") -> Params:
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join("  " + line for line in lines)) from None
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
-            raise ConfigError(f"override {truncated(dotted)}: {shown(key)} is not a section")
-        node = node[key]
-    node[keys[-1]] = value
-
-
-def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
-    """Read and validate a params file; `overrides` maps dotted keys to values (applied first)."""
+def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate a params file; `overrides` maps dotted keys to values (applied first,
+    each key existing: see components/derive.py)."""
+    from segshift.components.derive import set_dotted   # derive builds on the schema above
     raw = load_yaml_file(path, "params file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value, name=f"override {truncated(dotted)}")
     return validate_params(raw, source=str(path))

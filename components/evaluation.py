@@ -8,6 +8,12 @@ that label instead, as ADVENT's eval_UDA.py does: the network still runs on the 
 nn.Upsample) straight to the full label's size, and the argmax and confusion are taken there.
 That path works one image at a time (19x1024x2048 float logits are 160 MB), so memory stays
 bounded whatever the batch size. Without full labels nothing changes.
+
+Classes: the confusion matrix is always over the 19 Cityscapes train ids. A head of another class
+protocol (model.classes: synthia16, 16 outputs) has its argmax mapped back to train ids, and the
+target's pixels of the classes it does not predict (terrain, truck, train) are ignored, not counted
+as errors (`protocol_confusion`); those classes' IoU is absent (NaN) and `miou` is the mean over
+the protocol's classes (for synthia16 the same as `miou_16`).
 """
 from __future__ import annotations
 
@@ -23,20 +29,33 @@ from tqdm import tqdm
 from segshift.components.data.labels import NUM_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
 from segshift.components.losses import normalised_entropy, upsample
 from segshift.components.metrics import confusion_matrix, mean_iou, per_class_iou, summarise
+from segshift.components.models.classes import model_protocol, protocol_classes, scored_in_train_ids
 
 
 @dataclass
 class Evaluation:
-    confusion: torch.Tensor          # (C, C) long, rows = ground truth
+    confusion: torch.Tensor          # (C, C) long, rows = ground truth (train ids)
     mean_entropy: float              # mean normalised per-pixel entropy of the predictions
+    protocol: str = "cityscapes19"   # the head's classes (models/classes.py): `miou` is over them
 
     def summary(self) -> dict:
         ious = per_class_iou(self.confusion)
         out = summarise(self.confusion)
+        if self.protocol != "cityscapes19":
+            out["miou"] = mean_iou(ious, protocol_classes(self.protocol))
         out["miou_16"] = mean_iou(ious, SYNTHIA_16_CLASSES)
         out["miou_13"] = mean_iou(ious, SYNTHIA_13_CLASSES)
         out["mean_entropy"] = self.mean_entropy
         return out
+
+
+def protocol_confusion(prediction: torch.Tensor, target: torch.Tensor, num_classes: int = NUM_CLASSES,
+                       protocol: str = "cityscapes19") -> torch.Tensor:
+    """The confusion matrix (train ids) of a head's argmax `prediction` (the ids of `protocol`)
+    against a train-id `target`: the prediction mapped to train ids, the target's pixels of the
+    classes the protocol lacks ignored (`classes.scored_in_train_ids`). cityscapes19: as is."""
+    prediction, target = scored_in_train_ids(prediction, target, protocol)
+    return confusion_matrix(prediction, target, num_classes)
 
 
 def has_full_labels(dataset: Dataset) -> bool:
@@ -77,7 +96,7 @@ def upsample_to_full(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
 
 def _score_per_sample(logits: torch.Tensor, labels: torch.Tensor, full_labels: list[torch.Tensor],
-                      image_size: torch.Size, num_classes: int
+                      image_size: torch.Size, num_classes: int, protocol: str = "cityscapes19"
                       ) -> Iterator[tuple[torch.Tensor | None, float, int]]:
     """(confusion or None, entropy sum, pixels) per sample of a batch, one image at a time.
 
@@ -93,7 +112,8 @@ def _score_per_sample(logits: torch.Tensor, labels: torch.Tensor, full_labels: l
             size = target.shape[-2:] if target is not None else image_size
             probs = upsample(logits[i:i + 1], size).softmax(1)
         entropy = normalised_entropy(probs)
-        conf = None if target is None else confusion_matrix(probs.argmax(1).cpu(), target, num_classes)
+        conf = None if target is None else protocol_confusion(probs.argmax(1).cpu(), target, num_classes,
+                                                              protocol)
         yield conf, float(entropy.sum()), entropy.numel()
 
 
@@ -102,7 +122,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
              num_classes: int = NUM_CLASSES, progress: bool = False, desc: str = "evaluate") -> Evaluation:
     """Predict every sample (logits upsampled to label size) and accumulate the confusion matrix.
 
-    Samples with a native-resolution label are scored at that resolution (see the module doc)."""
+    Samples with a native-resolution label are scored at that resolution (see the module doc); a
+    head of another class protocol is scored in train ids (see the module doc)."""
+    protocol = model_protocol(model)
     was_training = model.training
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -115,7 +137,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
                 images, labels, full_labels = batch
                 logits = model(images.to(device)).main.float()
                 for sample_conf, sample_entropy, sample_pixels in _score_per_sample(
-                        logits, labels, full_labels, images.shape[-2:], num_classes):
+                        logits, labels, full_labels, images.shape[-2:], num_classes, protocol):
                     entropy_sum += sample_entropy
                     pixels += sample_pixels
                     if sample_conf is not None:
@@ -129,10 +151,10 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
             entropy_sum += float(entropy.sum())
             pixels += entropy.numel()
             if labels.numel():
-                conf += confusion_matrix(probs.argmax(1).cpu(), labels, num_classes)
+                conf += protocol_confusion(probs.argmax(1).cpu(), labels, num_classes, protocol)
     finally:
         model.train(was_training)
-    return Evaluation(conf, entropy_sum / max(pixels, 1))
+    return Evaluation(conf, entropy_sum / max(pixels, 1), protocol)
 
 
 def validation_metrics(evaluation: Evaluation) -> dict[str, float]:
@@ -167,6 +189,7 @@ def evaluate_by_group(model: nn.Module, dataset: Dataset, groups: list[str | Non
     """
     if len(groups) != len(dataset):
         raise ValueError(f"{len(groups)} group names for {len(dataset)} samples")
+    protocol = model_protocol(model)
     order = list(dict.fromkeys(groups))
     conf = {g: torch.zeros(num_classes, num_classes, dtype=torch.long) for g in order}
     entropy_sum = dict.fromkeys(order, 0.0)
@@ -183,7 +206,8 @@ def evaluate_by_group(model: nn.Module, dataset: Dataset, groups: list[str | Non
                 logits = model(images.to(device)).main.float()
                 batch_groups = groups[offset:offset + len(images)]
                 offset += len(images)
-                scores = _score_per_sample(logits, labels, full_labels, images.shape[-2:], num_classes)
+                scores = _score_per_sample(logits, labels, full_labels, images.shape[-2:], num_classes,
+                                           protocol)
                 for group, (sample_conf, sample_entropy, sample_pixels) in zip(batch_groups, scores):
                     entropy_sum[group] += sample_entropy
                     pixels[group] += sample_pixels
@@ -203,13 +227,13 @@ def evaluate_by_group(model: nn.Module, dataset: Dataset, groups: list[str | Non
                 entropy_sum[group] += float(entropy[index].sum())
                 pixels[group] += entropy[index].numel()
                 if labels.numel():
-                    conf[group] += confusion_matrix(prediction[index], labels[index], num_classes)
+                    conf[group] += protocol_confusion(prediction[index], labels[index], num_classes, protocol)
     finally:
         model.train(was_training)
-    per_group = {g: Evaluation(conf[g], entropy_sum[g] / max(pixels[g], 1)) for g in order}
+    per_group = {g: Evaluation(conf[g], entropy_sum[g] / max(pixels[g], 1), protocol) for g in order}
     total_conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for g in order:
         total_conf += conf[g]
-    total = Evaluation(total_conf, sum(entropy_sum.values()) / max(sum(pixels.values()), 1))
+    total = Evaluation(total_conf, sum(entropy_sum.values()) / max(sum(pixels.values()), 1), protocol)
     counts = {g: groups.count(g) for g in order}
     return GroupedEvaluation(total, per_group, counts)

@@ -35,6 +35,7 @@ from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES, RARE_CLAS
 from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.io import atomic_write_bytes
 from segshift.components.losses import normalised_entropy, upsample
+from segshift.components.models.classes import model_protocol, to_train_ids
 from segshift.components.pseudo_labels import (LEVELS, apply_class_thresholds,
                                                class_balanced_thresholds, class_confidence_histogram,
                                                quantise_confidence)
@@ -226,12 +227,16 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def score_images(model: torch.nn.Module, images: torch.Tensor, keep_entropy: bool = False) -> BatchScores:
-    """Everything the ranking needs about a batch of same-size normalised images (N, 3, H, W)."""
+    """Everything the ranking needs about a batch of same-size normalised images (N, 3, H, W).
+
+    The entropy is normalised by log C of the head (16 for model.classes: synthia16); the argmax is
+    mapped to train ids first, so labels, class histograms and the rare classes are in train ids."""
     probs = predict_probs(model, images)
     confidence, argmax = probs.max(1)
+    argmax = to_train_ids(argmax, model_protocol(model))
     argmax_np = argmax.to(torch.uint8).cpu().numpy()
     _, _, h, w = probs.shape
-    hist = torch.stack([torch.bincount(a.flatten(), minlength=probs.shape[1])[:NUM_CLASSES]
+    hist = torch.stack([torch.bincount(a.flatten(), minlength=max(NUM_CLASSES, probs.shape[1]))[:NUM_CLASSES]
                         for a in argmax]).double() / (h * w)
     rare = np.array([rare_classes_present(a) for a in argmax_np], np.int32)
     entropy = normalised_entropy(probs) if keep_entropy else None

@@ -12,9 +12,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
-
-from segshift.components.config import ConfigError, Params, SearchDimension, _set_dotted
+from segshift.components.config import ConfigError, Params, SearchDimension
+from segshift.components.derive import InvalidOverride, OverrideError
 
 SEARCHABLE_SECTIONS = ("rank", "intra")
 # set by the sweep itself or by where a trial writes, so not searchable
@@ -26,26 +25,9 @@ def _where(key: str) -> str:
     return f"sweep.space['{key}']"
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    path = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"{path} is not a params key"
-    return f"{path}: {err['msg']}"
-
-
 def with_values(params: Params, values: Mapping[str, Any]) -> Params:
-    """`params` with dotted keys set to `values`, validated like params.yaml (ConfigError if not)."""
-    raw = params.model_dump(mode="json", by_alias=True)
-    for key, value in values.items():
-        try:
-            _set_dotted(raw, key, value)
-        except ConfigError:
-            raise ConfigError(f"{key} is not a params key") from None
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_first_error(exc)) from None
+    """`params` with dotted keys set to `values`, validated like params.yaml (OverrideError if not)."""
+    return params.with_overrides(values, where="", source="sweep values")
 
 
 def check_search_space(params: Params) -> None:
@@ -64,11 +46,13 @@ def check_search_space(params: Params) -> None:
         for value in dimension.candidates():
             try:
                 with_values(params, {key: value})
-            except ConfigError as exc:
+            except InvalidOverride as exc:
                 bound = {"low": dimension.low, "high": dimension.high}
                 name = next((b for b, v in bound.items() if v == value), "value")
                 raise ConfigError(f"{_where(key)}: {name} = {value!r} is outside what {key} "
-                                  f"accepts ({exc})") from None
+                                  f"accepts ({'; '.join(exc.problems)})") from None
+            except OverrideError as exc:    # no such key, or a section
+                raise ConfigError(f"{_where(key)}: {'; '.join(exc.problems)}") from None
 
 
 def tune_space(space: Mapping[str, SearchDimension]) -> dict[str, Any]:

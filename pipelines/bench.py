@@ -284,7 +284,8 @@ def bench_methods_on(params, steps: int, device) -> list[dict]:
         batch_size = getattr(params, _case_stage(case)).batch_size
         batch = {role: (torch.randn(batch_size, 3, height, width, device=device).contiguous(
                             memory_format=speed.memory_format),
-                        torch.randint(0, 19, (batch_size, height, width), device=device)) for role in method.roles}
+                        torch.randint(0, params.model.num_classes, (batch_size, height, width), device=device))
+                 for role in method.roles}
         optimizers = [spec.optimizer for spec in method.optimizers.values()]
         scaler = torch.amp.GradScaler(device.type) if speed.amp == "fp16" else None
 

@@ -51,7 +51,7 @@ def calibrate(params: Params, prepared: Path, progress: bool = True) -> dict:
     for name, domain, colour_norm in CALIBRATION_RUNS:
         start = time.perf_counter()
         train = PreparedSplit(prepared / domain, "train", cache=True, flip=params.source.flip,
-                              per_image_norm=colour_norm)
+                              per_image_norm=colour_norm, protocol=params.model.classes)
         test = PreparedSplit(prepared / "target", "test", cache=True, per_image_norm=colour_norm)
         with tempfile.TemporaryDirectory() as workdir:
             model = train_quick(params, train, name, Path(workdir), progress)

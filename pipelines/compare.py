@@ -21,8 +21,6 @@ params is skipped too; an interrupted stage resumes from its checkpoint. Writes 
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import json
 import math
 import re
@@ -34,8 +32,8 @@ from typing import Any
 
 import yaml
 
-from segshift.components.config import (CompareEntry, ConfigError, Params, load_params, load_yaml_file,
-                                        validate_params)
+from segshift.components import derive
+from segshift.components.config import CompareEntry, ConfigError, Params, load_params, load_yaml_file
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.io import (atomic_copy, atomic_write_bytes, atomic_write_text, resolve_under,
                                    strict_json)
@@ -100,56 +98,11 @@ def reported_stage(stages: tuple[str, ...] | list[str]) -> str:
     return [s for s in stages if s in TRAINING_STAGES][-1]
 
 
-def _apply(raw: dict, overrides: dict[str, Any], where: str) -> dict[str, str]:
-    """Set each dotted key of `overrides` in `raw`; every key must already exist there.
-
-    Returns dotted key -> the name of the setting (`<where>.<key>`) for error messages.
-    """
-    named = {}
-    for dotted, value in overrides.items():
-        name = f"{where}.{dotted}"
-        node: Any = raw
-        keys = dotted.split(".")
-        for depth, key in enumerate(keys):
-            if not isinstance(node, dict):
-                raise ConfigError(f"{name}: '{'.'.join(keys[:depth])}' is not a section (it is "
-                                  f"{node!r}); set it as a whole")
-            if key not in node:
-                allowed = ", ".join(sorted(node))
-                raise ConfigError(f"{name}: unknown key '{'.'.join(keys[:depth + 1])}'; allowed at that "
-                                  f"level: {allowed}")
-            if depth < len(keys) - 1:
-                node = node[key]
-        node[keys[-1]] = copy.deepcopy(value)
-        named[dotted] = name
-    return named
-
-
-def _validate(raw: dict, named: dict[str, str], source: str) -> Params:
-    """`validate_params`, with an error blamed on the overrides whose keys it concerns."""
-    try:
-        return validate_params(raw, source=source)
-    except ConfigError as exc:
-        blamed: list[str] = []
-        for line in str(exc).splitlines()[1:]:
-            path = line.strip().split(":", 1)[0]
-            for dotted, name in named.items():
-                if (path == dotted or path.startswith(dotted + ".") or dotted.startswith(path + ".")) \
-                        and name not in blamed:
-                    blamed.append(name)
-        blamed = blamed or list(named.values())
-        if not blamed:
-            raise
-        raise ConfigError(f"{', '.join(blamed)}: {exc}") from None
-
-
 def entry_params(params: Params, name: str, entry: CompareEntry) -> Params:
     """The repository params with `compare.set`, then the entry's `set`, applied and validated."""
-    raw = params.model_dump(mode="json")
-    common = _apply(raw, params.compare.set, "compare.set")
-    _validate(copy.deepcopy(raw), common, "compare.set")
-    own = _apply(raw, entry.set, f"compare.entries.{name}.set")
-    return _validate(raw, own, f"compare entry '{name}'")
+    common = params.with_overrides(params.compare.set, where="compare.set")
+    return common.with_overrides(entry.set, where=f"compare.entries.{name}.set",
+                                 source=f"compare entry '{name}'")
 
 
 def source_identity(params: Params) -> dict[str, Any]:
@@ -159,9 +112,10 @@ def source_identity(params: Params) -> dict[str, Any]:
 
 
 def source_key(params: Params) -> str:
-    identity = source_identity(params)
-    identity["engine"] = {k: v for k, v in identity["engine"].items() if k != "seed"}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    """The shared source directory's name: the source settings' identity, the seed aside."""
+    settings = source_identity(params)
+    settings["engine"] = {k: v for k, v in settings["engine"].items() if k != "seed"}
+    return derive.identity(settings, 10)
 
 
 def model_label(model: dict[str, Any]) -> str:
@@ -293,7 +247,7 @@ def same_run(recorded: Any, record: dict[str, Any]) -> bool:
 
 def run_identity(run: "Run") -> str:
     """What a run trains, as a hash: equal for equal stages and params (the compare section aside)."""
-    return hashlib.sha256(json.dumps(_essential(run_record(run)), sort_keys=True).encode()).hexdigest()
+    return derive.identity(_essential(run_record(run)))
 
 
 def record_path(run: "Run", project_dir: Path) -> Path:
@@ -521,7 +475,7 @@ def compare_markdown(summary: dict) -> str:
     entries: dict[str, dict] = summary["entries"]
     seeds = summary["seeds"]
     lines = ["# Method comparison", "",
-             (f"Target-test mIoU (19 classes, %) of each entry's last training stage, over seeds "
+             (f"Target-test mIoU (%, over the classes of each entry's `model.classes`) of each entry's last training stage, over seeds "
               f"{', '.join(map(str, seeds))}; mean ± sample std."), "",
              ("| entry | mIoU mean ± std | per seed | vs source-only (Δ) | vs budget control (Δ) "
               "| share of target pixels labelled | wall time (method s, mean) | wall time (total s, mean) |"),

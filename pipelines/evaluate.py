@@ -4,9 +4,11 @@ For each stage in `evaluate.stages` (in that order) the stage's selected network
 `<paths.models>/<stage>/model.pt` is evaluated on the prepared target test split in one pass that
 also keeps one confusion matrix per built-in target `condition`. Outputs:
 
-- `evaluate.out` (metrics/summary.json, a DVC metric): per stage mIoU (19), mIoU-16, mIoU-13,
-  pixel accuracy, per-class IoU, per-condition mIoU (built-in data) and the share of the
-  source -> oracle gap the stage closes; fractions in [0, 1], an absent class as null;
+- `evaluate.out` (metrics/summary.json, a DVC metric): per stage mIoU (over the head's classes:
+  19, or 16 with `model.classes: synthia16`), mIoU-16, mIoU-13, pixel accuracy, per-class IoU,
+  per-condition mIoU (built-in data) and the share of the source -> oracle gap the stage closes;
+  fractions in [0, 1], an absent class as null (synthia16: terrain, truck and train, whose
+  target pixels are ignored, not counted as errors);
 - `<paths.metrics>/summary_per_class.json`: rows {class, stage, iou (%)} for `dvc plots`;
 - `<paths.reports>/evaluate/summary.md`: the comparison as Markdown tables (the README's table);
 - `<paths.reports>/evaluate/per_class_iou.png` and, with conditions, `per_condition_miou.png`;
@@ -136,7 +138,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def summary_markdown(summary: dict[str, dict], per_class: bool = True) -> str:
-    """The comparison as Markdown: one row per stage with mIoU (19 classes), mIoU-16, mIoU-13,
+    """The comparison as Markdown: one row per stage with mIoU (the head's classes), mIoU-16, mIoU-13,
     gap closed (when source and oracle are present) and, with `per_class`, every class's IoU;
     then mIoU per target condition when the summary has conditions. All in %, 1 decimal;
     "–" where a value is undefined (class absent, no gap)."""

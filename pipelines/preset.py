@@ -19,15 +19,14 @@ import argparse
 import copy
 import shlex
 import sys
-import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 
 from segshift.components.config import ConfigError, Params, load_yaml_file, parse_yaml, validate_params
+from segshift.components.derive import OPEN_MAPPINGS, OverrideError, merge_tree, set_dotted
 from segshift.components.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,61 +38,7 @@ class PresetError(ConfigError):
     """A preset that cannot be applied; the message names the preset file and the key."""
 
 
-# --- pure merge logic ------------------------------------------------------------------------------
-
-def open_mappings(model: type[BaseModel] = Params, prefix: str = "") -> frozenset[str]:
-    """Dotted paths of the free-form mappings of the config (`dict[str, ...]` fields): the only
-    places where an overlay may add keys that the base does not have."""
-    found: set[str] = set()
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{field.alias or name}"
-        annotation = field.annotation
-        for candidate in (annotation, *typing.get_args(annotation)):
-            if typing.get_origin(candidate) is dict:
-                found.add(key)
-            elif isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                found |= open_mappings(candidate, key + ".")
-    return frozenset(found)
-
-
-OPEN_MAPPINGS = open_mappings()
-
-
-def _where(path: Sequence[str]) -> str:
-    return ".".join(path) or "<top level>"
-
-
-def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any], *,
-               open_paths: Iterable[str] = OPEN_MAPPINGS, _path: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`base` with `overlay` merged in, recursively; neither input is modified.
-
-    Mappings merge key by key; any other value (scalars, lists, null) replaces the base value.
-    A key absent from `base` raises PresetError naming its dotted path and the allowed keys, unless
-    its parent is one of `open_paths`; a mapping given where the base holds a value (or the
-    reverse) raises too.
-    """
-    open_paths = frozenset(open_paths)
-    merged = copy.deepcopy(dict(base))
-    for key, value in overlay.items():
-        path = (*_path, str(key))
-        if key not in merged:
-            if _where(_path) not in open_paths:
-                allowed = ", ".join(sorted(str(k) for k in merged))
-                raise PresetError(f"unknown key '{_where(path)}' (allowed in {_where(_path)}: {allowed})")
-            merged[key] = copy.deepcopy(value)
-            continue
-        current = merged[key]
-        if isinstance(current, Mapping) and isinstance(value, Mapping):
-            merged[key] = deep_merge(current, value, open_paths=open_paths, _path=path)
-        elif isinstance(current, Mapping) and _where(path) not in open_paths:
-            raise PresetError(f"'{_where(path)}' is a section ({', '.join(sorted(map(str, current)))}); "
-                              f"give its keys, not the value {value!r}")
-        elif isinstance(value, Mapping) and current is not None:
-            raise PresetError(f"'{_where(path)}' is a value ({current!r}), not a section")
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
+# --- pure merge logic (the rules are components/derive.py's, as for every dotted override) ------
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`key.path=value` -> (key.path, value parsed as YAML: 3 -> int, [1, 2] -> list, null -> None)."""
@@ -109,25 +54,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def nest(dotted: str, value: Any) -> dict[str, Any]:
-    """`a.b.c`, v -> {a: {b: {c: v}}}."""
-    tree: Any = value
-    for part in reversed(dotted.split(".")):
-        tree = {part: tree}
-    return tree
-
-
 def apply_overrides(params: Mapping[str, Any], overrides: Iterable[str | tuple[str, Any]], *,
-                    open_paths: Iterable[str] = OPEN_MAPPINGS) -> dict[str, Any]:
+                    open_paths: Collection[str] = OPEN_MAPPINGS) -> dict[str, Any]:
     """`params` with each override (`"key=value"` text or a (dotted key, value) pair) applied in
-    order; keys must exist (as in `deep_merge`); a later override of the same key wins."""
+    order (`set_dotted`: keys must exist; a section given a mapping is replaced whole); a later
+    override of the same key wins."""
     result = copy.deepcopy(dict(params))
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
         try:
-            result = deep_merge(result, nest(key, value), open_paths=open_paths)
-        except PresetError as exc:
-            raise PresetError(f"override {key}: {exc}") from None
+            set_dotted(result, key, value, name=f"override {key}", open_paths=open_paths)
+        except OverrideError as exc:
+            raise PresetError(str(exc)) from None
     return result
 
 
@@ -201,8 +139,8 @@ def merge_preset(params: Mapping[str, Any], overlay: Mapping[str, Any], override
     """(merged raw mapping, validated Params); PresetError/ConfigError name `preset_name` and the key."""
     overrides = list(overrides)
     try:
-        merged = deep_merge(params, overlay)
-    except PresetError as exc:
+        merged = merge_tree(params, overlay)
+    except OverrideError as exc:
         raise PresetError(f"{preset_name}: {exc}") from None
     merged = apply_overrides(merged, overrides)
     with_overrides = f" with {len(overrides)} -S override(s)" if overrides else ""

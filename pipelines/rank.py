@@ -37,6 +37,7 @@ from segshift.components.data.synthetic import CONDITIONS, HARD_CONDITIONS
 from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text, check_output,
                                    finite_or_none, resolve_under, strict_json, write_png)
 from segshift.components.losses import normalised_entropy
+from segshift.components.models.classes import model_protocol, to_train_ids
 from segshift.components.pseudo_labels import LEVELS
 from segshift.components.ranking import (CONFIDENCE_DIR, EASY, HARD, RANKING_NAME, RankingError,
                                          auroc, build_ranking_table, confidence_name, file_sha256,
@@ -329,7 +330,8 @@ def examples_picture(params: Params, inputs: RankInputs, table) -> np.ndarray:
     for sid in chosen:
         x = to_tensor(read_rgb(inputs.target_dir / image_of[sid]))[None].to(device)
         probs = predict_probs(model, x)
-        rows += prediction_rows(x.cpu().numpy(), None, probs.argmax(1).cpu().numpy(),
+        prediction = to_train_ids(probs.argmax(1), model_protocol(model))     # coloured as train ids
+        rows += prediction_rows(x.cpu().numpy(), None, prediction.cpu().numpy(),
                                 normalised_entropy(probs).cpu().numpy())
     height, width = rows[0][0].shape[:2]
     rows = [[tile if tile.shape[:2] == (height, width) else

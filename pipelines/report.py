@@ -12,6 +12,7 @@ from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.evaluation import Evaluation
 from segshift.components.io import atomic_write_text, write_png
 from segshift.components.losses import normalised_entropy, upsample
+from segshift.components.models.classes import model_protocol, to_train_ids
 from segshift.components.visualize import (confusion_matrix_picture, grid, iou_bar_picture,
                                            prediction_rows)
 
@@ -31,8 +32,9 @@ def prediction_picture(model: nn.Module, dataset, device: torch.device, count: i
     images = torch.stack([s[0] for s in samples])
     labels = torch.stack([s[1] for s in samples]) if samples[0][1].numel() else None
     probs = upsample(model(images.to(device)).main.float(), images.shape[-2:]).softmax(1).cpu()
+    predicted = to_train_ids(probs.argmax(1), model_protocol(model))    # coloured as train ids
     return grid(prediction_rows(images.numpy(), None if labels is None else labels.numpy(),
-                                probs.argmax(1).numpy(), normalised_entropy(probs).numpy()))
+                                predicted.numpy(), normalised_entropy(probs).numpy()))
 
 
 def write_stage_report(job, metrics: dict, evaluation: Evaluation, model: nn.Module, test,

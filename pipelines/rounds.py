@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segshift.components import derive
 from segshift.components.data.dataset import PreparedSplit
 from segshift.components.engine.loop import Selection, resolve_device
 from segshift.components.io import atomic_write_text, write_png
@@ -48,10 +48,9 @@ ROUND_FILE = "round.json"
 def stage_identity(job: StageJob) -> str:
     """What a round's labels depend on besides the model it starts from: the stage's settings."""
     params = job.config
-    identity = {"stage": stage_config(params, job.stage).model_dump(mode="json"),
-                "methods": params.methods.model_dump(mode="json"),
-                "model": params.model.model_dump(mode="json"), "seed": params.engine.seed}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return derive.identity({"stage": stage_config(params, job.stage).model_dump(mode="json"),
+                            "methods": params.methods.model_dump(mode="json"),
+                            "model": params.model.model_dump(mode="json"), "seed": params.engine.seed}, 16)
 
 
 class RoundRunner:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from segshift.components.config import Params, load_params, validate_params
+from segshift.components.config import Params, load_params
 from segshift.components.io import atomic_write_text
 
 PIPELINE = ("source", "oracle", "inter", "rank", "intra", "evaluate")
@@ -26,12 +26,7 @@ PIPELINE = ("source", "oracle", "inter", "rank", "intra", "evaluate")
 
 def seed_params(params: Params, seed: int, run_dir: Path) -> Params:
     """The params of one seed: its engine seed, and every output path inside `run_dir`."""
-    raw = params.model_dump(mode="json")
-    raw["engine"]["seed"] = seed
-    raw["paths"] = {name: str(run_dir / name) for name in raw["paths"]}
-    raw["rank"]["out_dir"] = str(run_dir / "ranking")
-    raw["evaluate"]["out"] = str(run_dir / "metrics" / "summary.json")
-    return validate_params(raw, source=f"seed {seed}")
+    return params.relocated(run_dir, seed=seed)
 
 
 def run_seed(params: Params, project_dir: Path, progress: bool,

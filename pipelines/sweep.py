@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -46,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from segshift.components import derive
 from segshift.components.config import ConfigError, Params, load_params
 from segshift.components.io import (atomic_directory, atomic_write_bytes, atomic_write_text,
                                    resolve_under, strict_json)
@@ -161,7 +161,7 @@ def ranking_cache(params: Params, inputs, directory: Path, progress: bool) -> tu
 
 def trial_params(base: Params, values: dict[str, Any], trial_dir: Path) -> Params:
     """The trial's configuration: the searched values, the sweep's length and validation interval,
-    and every path inside the trial's own directory (except the prepared data, shared)."""
+    and every output path inside the trial's own directory (the prepared data shared)."""
     sweep = base.sweep
     return with_values(base, {
         **values,
@@ -172,10 +172,7 @@ def trial_params(base: Params, values: dict[str, Any], trial_dir: Path) -> Param
         "engine.workers.use_gpu": sweep.gpus_per_worker > 0,
         "engine.workers.cpus_per_worker": sweep.cpus_per_worker,
         "engine.workers.gpus_per_worker": sweep.gpus_per_worker,
-        "rank.out_dir": str(trial_dir / "ranking"),
-        "paths.models": str(trial_dir / "models"), "paths.metrics": str(trial_dir / "metrics"),
-        "paths.reports": str(trial_dir / "reports"), "paths.checkpoints": str(trial_dir / "checkpoints"),
-    })
+    }).relocated(trial_dir)
 
 
 def materialise_trial_ranking(ctx: SweepContext, params: Params, records: list[dict]) -> None:
@@ -284,9 +281,9 @@ def _searcher(params: Params):
 
 
 def sweep_key(params: Params, model_sha: str, manifest_sha: str) -> str:
-    identity = {"sweep": params.sweep.model_dump(mode="json"), "rank": params.rank.model_dump(mode="json"),
-                "intra": params.intra.model_dump(mode="json"), "model": model_sha, "data": manifest_sha}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    """What a resumed sweep must match: its settings, what a trial re-runs, and its inputs."""
+    settings = {name: getattr(params, name).model_dump(mode="json") for name in ("sweep", "rank", "intra")}
+    return derive.identity({**settings, "model": model_sha, "data": manifest_sha}, 16)
 
 
 def parent_run(params: Params, project_dir: Path, key: str, resume: bool) -> tuple[str, str, str]:

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from segshift.components import derive
 from segshift.components.config import AdaptationStageConfig, Params, SupervisedStageConfig, load_params
 from segshift.components.data.augment import AugmentationSpec
 from segshift.components.data.dataset import PreparedSplit, StepBatchSampler
-from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from segshift.components.engine.loop import Runtime, Trainer, resolve_device, speed_settings
@@ -135,7 +135,9 @@ def stage_datasets(job: StageJob, cache: bool = False) -> dict[str, PreparedSpli
     prepared = job.prepared
     crop = tuple(cfg.crop) if cfg.crop else None
     augmentation = AugmentationSpec.from_config(cfg.augment, crop, cfg.flip) if cfg.augment else None
-    aug = {"cache": cache, "crop": crop, "flip": cfg.flip, "augmentation": augmentation}
+    # every label a stage trains on (source, target, pseudo-labels, revealed pixels) in the head's ids
+    aug = {"cache": cache, "crop": crop, "flip": cfg.flip, "augmentation": augmentation,
+           "protocol": params.model.classes}
     if job.round:
         return round_datasets(job.round_spec, prepared, job.stage_checkpoint_dir, aug)
     if stage == "intra":
@@ -229,7 +231,7 @@ def run_fingerprint(job: StageJob, amp: str) -> str:
         identity["round"] = job.round
         if job.round.get("init"):
             identity["round_init"] = file_digest(job.stage_checkpoint_dir / job.round["init"])
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return derive.identity(identity, 16)
 
 
 # -- the worker -----------------------------------------------------------------------------------
@@ -387,7 +389,7 @@ def export_model(job: StageJob, best: dict) -> Path:
     params = job.config
     out = job.path(params.paths.models) / job.stage / "model.pt"
     save_checkpoint(out, {"model": best["model"], "model_config": params.model.model_dump(mode="json"),
-                          "num_classes": len(CLASS_NAMES), "stage": job.stage, "step": best["step"],
+                          "num_classes": params.model.num_classes, "stage": job.stage, "step": best["step"],
                           "selection": best["selection"], "val": best["metrics"]})
     return out
 

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, Sampler
 from segshift.components.data.image_checks import ImageCheckError, require_png
 from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.data.manifest import ManifestError, read_manifest
+from segshift.components.models.classes import protocol_classes, to_protocol_ids
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -83,6 +84,11 @@ class PreparedSplit(Dataset):
     `ids` keeps only those samples, in that order; `label_paths` (sample id -> absolute path)
     replaces their labels, e.g. with pseudo-labels.
 
+    `protocol` (a `model.classes`): the labels indexing returns, in the ids of that protocol's head
+    (`classes.to_protocol_ids`; synthia16: terrain, truck and train -> 255). Label files always hold
+    train ids; the training stages read them through this (evaluation reads train ids: the default,
+    cityscapes19, changes nothing).
+
     A sample may also have a native-resolution label (the manifest's optional `label_full`):
     indexing never returns it (training and batching see the prepared size only); evaluation reads
     it with `full_label(i)` when `has_full_labels`.
@@ -91,7 +97,8 @@ class PreparedSplit(Dataset):
     def __init__(self, prepared_dir: str | Path, split: str, need_labels: bool = True,
                  cache: bool = False, crop: tuple[int, int] | None = None, flip: bool = False,
                  per_image_norm: bool = False, ids: list[str] | None = None,
-                 label_paths: dict[str, Path] | None = None, augmentation=None):
+                 label_paths: dict[str, Path] | None = None, augmentation=None,
+                 protocol: str = "cityscapes19"):
         self.root = Path(prepared_dir)
         table = read_manifest(self.root)
         rows = [r for r in table.to_pylist() if r["split"] == split]
@@ -107,6 +114,8 @@ class PreparedSplit(Dataset):
         self.rows, self.split, self.need_labels = rows, split, need_labels
         self.crop, self.flip, self.per_image_norm = crop, flip, per_image_norm
         self.augmentation = augmentation   # an AugmentationSpec (scale, jitter, blur), or None
+        protocol_classes(protocol)          # an unknown protocol fails here, not in a loader worker
+        self.protocol = protocol
         self._cache: list[tuple[np.ndarray, np.ndarray | None]] | None = None
         if cache:
             self._cache = [self._load(i) for i in range(len(rows))]
@@ -144,6 +153,8 @@ class PreparedSplit(Dataset):
         elif seed is not None:
             image, label = random_crop_flip(image, label, self.crop, self.flip,
                                             np.random.default_rng(seed))
+        if label is not None:
+            label = to_protocol_ids(label, self.protocol)
         target = torch.from_numpy(label.astype(np.int64)) if label is not None else torch.empty(0)
         return to_tensor(image, self.per_image_norm), target
 

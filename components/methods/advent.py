@@ -73,12 +73,12 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 class OutputSpaceAdaptation(Method):
     roles = ("labelled", "unlabelled")
 
-    def __init__(self, model: nn.Module, cfg: AdaptationStageConfig, num_classes: int = NUM_CLASSES):
+    def __init__(self, model: nn.Module, cfg: AdaptationStageConfig, num_classes: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.add_segmenter(model, cfg.optimizer)
-        if cfg.method != "minent":
-            self._add_discriminators(num_classes)
+        if cfg.method != "minent":   # discriminators see the head's C channels (16 for synthia16)
+            self._add_discriminators(num_classes or getattr(model, "num_classes", NUM_CLASSES))
 
     def _add_discriminators(self, num_classes: int) -> None:
         """One output-space discriminator, with its optimiser, per level whose weight is > 0."""

@@ -42,11 +42,11 @@ from tqdm import tqdm
 
 from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD, PreparedSplit
 from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES
-from segshift.components.evaluation import Evaluation, validation_metrics
+from segshift.components.evaluation import Evaluation, protocol_confusion, validation_metrics
 from segshift.components.losses import normalised_entropy, upsample
 from segshift.components.methods.base import Backward, Batch, Method, MethodSpec, check_same_size
 from segshift.components.methods.rounds import Round, RoundContext, source_and_target
-from segshift.components.metrics import confusion_matrix
+from segshift.components.models.classes import model_protocol, to_train_ids
 
 #: the window sizes of the paper's multi-band transfer (MBT)
 PAPER_BETAS: tuple[float, ...] = (0.01, 0.05, 0.09)
@@ -310,7 +310,9 @@ def ensemble_probabilities(outputs, size: tuple[int, int]) -> torch.Tensor:
 def evaluate_ensemble(models: list[torch.nn.Module], dataset, batch_size: int, device: torch.device,
                       progress: bool = False, desc: str = "fda: ensemble") -> tuple[Evaluation, list[Evaluation]]:
     """The ensemble's evaluation on a labelled split (argmax of `ensemble_probabilities` at label
-    size), and each model's own (argmax of its upsampled logits, as `evaluate`), in one pass."""
+    size), and each model's own (argmax of its upsampled logits, as `evaluate`), in one pass; a head
+    of another class protocol is scored in train ids, as `evaluate` does."""
+    protocol = model_protocol(models[0])
     conf = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     own = [torch.zeros_like(conf) for _ in models]
     entropy_sum, own_entropy, pixels = 0.0, [0.0] * len(models), 0
@@ -325,13 +327,13 @@ def evaluate_ensemble(models: list[torch.nn.Module], dataset, batch_size: int, d
         entropy = normalised_entropy(probs)
         entropy_sum += float(entropy.sum())
         pixels += entropy.numel()
-        conf += confusion_matrix(probs.argmax(1).cpu(), labels, NUM_CLASSES)
+        conf += protocol_confusion(probs.argmax(1).cpu(), labels, NUM_CLASSES, protocol)
         for k, out in enumerate(outputs):
             single = upsample(out.main.float(), size).softmax(1)
             own_entropy[k] += float(normalised_entropy(single).sum())
-            own[k] += confusion_matrix(single.argmax(1).cpu(), labels, NUM_CLASSES)
-    return (Evaluation(conf, entropy_sum / max(pixels, 1)),
-            [Evaluation(c, e / max(pixels, 1)) for c, e in zip(own, own_entropy)])
+            own[k] += protocol_confusion(single.argmax(1).cpu(), labels, NUM_CLASSES, protocol)
+    return (Evaluation(conf, entropy_sum / max(pixels, 1), protocol),
+            [Evaluation(c, e / max(pixels, 1), protocol) for c, e in zip(own, own_entropy)])
 
 
 def ensemble_results(context: RoundContext, betas: list[float], inits: list[str]) -> tuple[dict, dict]:
@@ -357,18 +359,23 @@ def target_pseudo_labels(context: RoundContext, inits: list[str]) -> tuple[dict,
     """`getSudoLabel_multi.py`: argmax of the models' mean softmax (`ensemble_probabilities`); per
     predicted class, the confidence of rank round(0.66 n) among that class's n pixels of the whole
     target train set (`class_thresholds`), capped at 0.9; pixels below their class's threshold
-    are ignored. Confidences are kept in float32, as the rule ranks exact values."""
+    are ignored. Confidences are kept in float32, as the rule ranks exact values. Classes are the
+    head's (16 for model.classes: synthia16); the labels are written as train ids."""
     models = [context.model(init) for init in inits]
+    protocol = model_protocol(models[0])
     size = context.image_size
     raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for ids, outputs in context.predict(models, "fda: ensemble pseudo-labels"):
-        confidence, predicted = ensemble_probabilities(outputs, size).max(1)
+        probs = ensemble_probabilities(outputs, size)
+        classes = probs.shape[1]                      # the head's classes
+        confidence, predicted = probs.max(1)
         for sample_id, label, conf in zip(ids, predicted.to(torch.uint8).cpu(), confidence.cpu()):
             raw[sample_id] = (label, conf)
     thresholds = class_thresholds(torch.cat([label.reshape(-1) for label, _ in raw.values()]).long(),
                                   torch.cat([conf.reshape(-1) for _, conf in raw.values()]),
-                                  NUM_CLASSES, DEFAULT_CLASS_QUANTILE, DEFAULT_THRESHOLD_CAP)
-    labels = {sid: apply_class_thresholds(label.long(), conf, thresholds).to(torch.uint8).numpy()
+                                  classes, DEFAULT_CLASS_QUANTILE, DEFAULT_THRESHOLD_CAP)
+    labels = {sid: to_train_ids(apply_class_thresholds(label.long(), conf, thresholds).to(torch.uint8).numpy(),
+                                protocol)
               for sid, (label, conf) in raw.items()}
     kept = float(np.mean([np.mean(label != IGNORE_INDEX) for label in labels.values()]))
     return labels, {"images": len(labels), "labelled_pixels": kept,

@@ -46,6 +46,7 @@ from segshift.components.losses import normalised_entropy, upsample
 from segshift.components.methods.base import Backward, Batch, Method, MethodSpec
 from segshift.components.methods.rounds import (Round, RoundContext, probabilities, source_and_target,
                                                 split_iterations)
+from segshift.components.models.classes import model_protocol, to_train_ids
 
 REFERENCE_SHARE_START = 0.1
 REFERENCE_SHARE_STEP = 0.05
@@ -412,8 +413,10 @@ class LSE(Method):
 def pseudo_labels(context: RoundContext, init: str | None, share: float, desc: str) -> tuple[dict, dict]:
     """The round's confident images (per class, the reference's int(n_c * p / 19) most confident)
     and their labels: pixels whose per-class normalised entropy reaches their class's threshold,
-    taken from that class's boundary image (the first one not kept), become IGNORE."""
+    taken from that class's boundary image (the first one not kept), become IGNORE. Classes are the
+    head's (n_c counted over 16 for model.classes: synthia16); the labels are written as train ids."""
     model, size = context.model(init), context.image_size
+    protocol = model_protocol(model)
     ids, scores, predicted, entropy = [], [], [], []
     for batch_ids, (out,) in context.predict([model], desc):
         probs = probabilities(out, size)
@@ -426,8 +429,9 @@ def pseudo_labels(context: RoundContext, init: str | None, share: float, desc: s
     predicted, entropy = torch.cat(predicted), torch.cat(entropy)
     boundary = {c: (entropy[i].float(), predicted[i].long())
                 for c, i in enumerate(selection.boundary) if i is not None}
-    thresholds = class_entropy_thresholds(boundary, NUM_CLASSES)
-    labels = {ids[i]: select_pseudo_labels(predicted[i].long(), entropy[i].float(), thresholds).numpy()
+    thresholds = class_entropy_thresholds(boundary, len(selection.boundary))
+    labels = {ids[i]: to_train_ids(select_pseudo_labels(predicted[i].long(), entropy[i].float(), thresholds).numpy(),
+                                   protocol)
               for i in chosen}
     labelled = float(np.mean([(label != IGNORE_INDEX).mean() for label in labels.values()])) if labels else 0.0
     report = {"share": share, "images": len(chosen), "labelled_pixels": labelled,

@@ -9,8 +9,16 @@ protocol names the classes the network's head outputs, in train-id order:
   evaluates on those 16 only: a Cityscapes pixel of terrain, truck or train is ignored (not an error).
 
 Protocol id k is the k-th class of the protocol (synthia16: 0..8 = train ids 0..8, 9 = sky (10),
-... 15 = bicycle (18)). `to_protocol_ids` maps labels into the head's id space (training: source
-labels and pseudo-labels; evaluation: target labels), `to_train_ids` maps predictions back.
+... 15 = bicycle (18)). One mapping per direction:
+
+- into the head's ids: `to_protocol_ids`, applied to every label a training stage reads (source and
+  target labels, pseudo-labels, revealed labels: `PreparedSplit(protocol=...)`);
+- out of them: `to_train_ids`, applied to a head's argmax before it is written (pseudo-labels) or
+  scored (`scored_in_train_ids`: the prediction in train ids, the target's classes the protocol
+  lacks ignored, so the 19x19 confusion matrix leaves them absent instead of counting errors).
+
+A network built by `models.factory.build_model` carries its protocol (`class_protocol`);
+`model_protocol` reads it.
 """
 from __future__ import annotations
 
@@ -98,3 +106,23 @@ def to_train_ids(predictions: Labels, protocol: str) -> Labels:
         protocol_classes(protocol)
         return predictions
     return _apply(protocol_to_train_id_table(protocol), predictions)
+
+
+def scored_in_train_ids(predictions: Labels, labels: Labels, protocol: str) -> tuple[Labels, Labels]:
+    """A head's argmax (protocol ids) and a train-id target, as the 19-class confusion matrix scores
+    them: the prediction in train ids, and the target's pixels of classes the protocol does not
+    predict ignored (255): not counted as errors, and their rows stay empty (IoU absent, NaN).
+    Identity for cityscapes19."""
+    if protocol == "cityscapes19":
+        protocol_classes(protocol)
+        return predictions, labels
+    kept = to_train_ids(train_id_to_protocol_table(protocol), protocol)   # train id -> itself or 255
+    return to_train_ids(predictions, protocol), _apply(kept, labels)
+
+
+def model_protocol(model: object) -> str:
+    """The protocol of a network's head: the `class_protocol` that `build_model` sets (through a
+    DDP wrapper's `.module`); cityscapes19 for a network without one (a head built with its own
+    class count, as tests do: its ids are taken as they are)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "class_protocol", None) or "cityscapes19"

@@ -29,12 +29,12 @@ def test_an_int_range_includes_its_upper_end(tmp_path):
 
 @pytest.mark.parametrize("space, message", [
     ({"rank.lambda": {"type": "uniform", "low": 0.3, "high": 1.2}},
-     "sweep.space['rank.lambda']: high = 1.2 is outside what rank.lambda accepts (rank.lambda: Input should be less than 1)"),
+     "sweep.space['rank.lambda']: high = 1.2 is outside what rank.lambda accepts (rank.lambda: Input should be less than 1 (got 1.2))"),
     ({"intra.optimizer.lr": {"type": "loguniform", "low": -1, "high": 0.1}}, "needs low > 0"),
     ({"rank.confidence_threshold": {"type": "choice", "values": [0.5, 1.5]}}, "value = 1.5 is outside what rank.confidence_threshold accepts"),
     ({"model.width": {"type": "uniform", "low": 0.1, "high": 0.5}}, "only rank.*, intra.* keys can be searched"),
     ({"intra.iterations": {"type": "int", "low": 10, "high": 20}}, "intra.iterations is fixed by the sweep"),
-    ({"rank.lamda": {"type": "uniform", "low": 0.3, "high": 0.5}}, "rank.lamda is not a params key"),
+    ({"rank.lamda": {"type": "uniform", "low": 0.3, "high": 0.5}}, "sweep.space['rank.lamda']: unknown key 'rank.lamda'; allowed in rank: batch_size"),
     ({"intra.method": {"type": "choice", "values": ["advent", "cycada"]}}, "value = 'cycada' is outside"),
 ])
 def test_bad_dimensions_are_named_with_the_value_and_the_rule(tmp_path, space, message):

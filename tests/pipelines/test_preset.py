@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segshift.components.config import Params, load_params, validate_params
+from segshift.components.config import ConfigError, Params, load_params, validate_params
+from segshift.components.derive import merge_tree
 from segshift.pipelines.cli import main
 from segshift.pipelines.preset import (
     OPEN_MAPPINGS,
     PresetError,
     apply_overrides,
     changed_keys,
-    deep_merge,
     flatten,
     merge_preset,
     parse_override,
@@ -97,8 +97,8 @@ def test_presets_differ_only_in_the_source_dataset():
     gta5, synthia = (flatten(merge_preset(_base(), _overlay(n))[0]) for n in PRESETS)
     differing = {k for k in gta5 if gta5[k] != synthia[k]}
     assert differing <= {"prepare.source.kind", "prepare.source.root", "prepare.source.resize",
-                         "prepare.strict"}
-    assert {"prepare.source.kind", "prepare.source.resize"} <= differing
+                         "prepare.strict", "model.classes"}    # SYNTHIA's 16 classes come with its labels
+    assert {"prepare.source.kind", "prepare.source.resize", "model.classes"} <= differing
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -172,18 +172,18 @@ def test_bad_overrides_and_unknown_presets_exit_2(project: Path, capsys):
 
 # --- the merge logic --------------------------------------------------------------------------
 
-def test_deep_merge_merges_sections_replaces_values_and_refuses_unknown_keys():
+def test_merge_tree_merges_sections_replaces_values_and_refuses_unknown_keys():
     base = {"a": {"b": 1, "c": [1, 2]}, "d": None}
-    merged = deep_merge(base, {"a": {"c": [3]}, "d": {"x": 1}}, open_paths=())
+    merged = merge_tree(base, {"a": {"c": [3]}, "d": {"x": 1}}, open_paths=())
     assert merged == {"a": {"b": 1, "c": [3]}, "d": {"x": 1}}
     assert base == {"a": {"b": 1, "c": [1, 2]}, "d": None}     # inputs untouched
-    with pytest.raises(PresetError, match=r"unknown key 'a\.z' \(allowed in a: b, c\)"):
-        deep_merge(base, {"a": {"z": 0}}, open_paths=())
-    with pytest.raises(PresetError, match="'a' is a section"):
-        deep_merge(base, {"a": 3}, open_paths=())
-    with pytest.raises(PresetError, match=r"'a\.b' is a value"):
-        deep_merge(base, {"a": {"b": {"x": 1}}}, open_paths=())
-    assert deep_merge(base, {"a": {"z": 0}}, open_paths=("a",))["a"]["z"] == 0
+    with pytest.raises(ConfigError, match=r"unknown key 'a\.z'; allowed in a: b, c"):
+        merge_tree(base, {"a": {"z": 0}}, open_paths=())
+    with pytest.raises(ConfigError, match="'a' is a section"):
+        merge_tree(base, {"a": 3}, open_paths=())
+    with pytest.raises(ConfigError, match=r"'a\.b' is a value"):
+        merge_tree(base, {"a": {"b": {"x": 1}}}, open_paths=())
+    assert merge_tree(base, {"a": {"z": 0}}, open_paths=("a",))["a"]["z"] == 0
 
 
 def test_open_mappings_of_params_accept_new_entries():
@@ -228,7 +228,7 @@ def test_preset_fixes_the_reference_network_pseudo_label_rule_and_class_protocol
     merged, p = merge_preset(_base(), _overlay(name), preset_name=name)
     flat, overlay = flatten(merged), flatten(_overlay(name))
     fixed = {"model.frozen_bn": False, "model.batchnorm": "reference", "model.dilation": "reference",
-             "model.classes": "cityscapes19",   # the reference's synthia16 awaits train/evaluate wiring
+             "model.classes": REFERENCE_CLASSES[name],
              "rank.confidence_threshold": None, "rank.class_balanced_share": None,
              "prepare.target.full_resolution_labels": True}
     for key, value in fixed.items():
@@ -237,7 +237,7 @@ def test_preset_fixes_the_reference_network_pseudo_label_rule_and_class_protocol
     # The network these settings build: every layer3 (layer4) block dilated 2 (4), BN affine frozen.
     small = p.model.model_copy(update={"backbone": "resnet50", "width": 0.125, "pretrained": None})
     model = build_model(small)
-    assert model.num_classes == p.model.num_classes == 19
+    assert model.num_classes == p.model.num_classes == {"cityscapes19": 19, "synthia16": 16}[p.model.classes]
     assert [b.conv2.dilation[0] for b in model.backbone.layer3] == [2] * 6
     assert [b.conv2.dilation[0] for b in model.backbone.layer4] == [4] * 3
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -270,3 +270,17 @@ def test_reference_batchnorm_with_frozen_bn_fails_naming_both_keys():
     raw = apply_overrides(_base(), [("model.frozen_bn", True), ("model.batchnorm", "reference")])
     with pytest.raises(ConfigError, match=r"model\.frozen_bn: true contradicts model\.batchnorm: reference"):
         validate_params(raw)
+
+
+# The reference's class protocol of each preset: GTA5 labels all 19 Cityscapes classes; SYNTHIA
+# lacks terrain, truck and train, and the reference trains and scores a 16-class head.
+REFERENCE_CLASSES = {"gta5-cityscapes": "cityscapes19", "synthia-cityscapes": "synthia16"}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_preset_sets_the_reference_class_protocol_itself(name: str):
+    overlay = flatten(_overlay(name))
+    assert overlay["model.classes"] == REFERENCE_CLASSES[name]      # pinned in the preset itself
+    _, p = merge_preset(_base(), _overlay(name), preset_name=name)
+    assert p.model.classes == REFERENCE_CLASSES[name]
+    assert p.model.num_classes == {"gta5-cityscapes": 19, "synthia-cityscapes": 16}[name]

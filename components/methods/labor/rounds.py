@@ -19,15 +19,17 @@ from segshift.components.methods.labor import step as labor_step
 from segshift.components.methods.labor.annotators import build_annotator
 from segshift.components.methods.rounds import (Round, RoundContext, StageInputError, probabilities,
                                                 source_and_target, split_iterations)
+from segshift.components.models.classes import model_protocol, to_train_ids
 
 
 def model_pseudo_labels(context: RoundContext, init: str | None, desc: str) -> dict[str, np.ndarray]:
-    """Model A's argmax on target train: what the pixel selector learns to reproduce."""
+    """Model A's argmax on target train, as train ids: what the pixel selector learns to reproduce."""
     model, size = context.model(init), context.image_size
+    protocol = model_protocol(model)
     labels = {}
     for ids, (out,) in context.predict([model], desc):
         for sample_id, label in zip(ids, probabilities(out, size).argmax(1).cpu().numpy()):
-            labels[sample_id] = label.astype(np.uint8)
+            labels[sample_id] = to_train_ids(label.astype(np.uint8), protocol)
     return labels
 
 

@@ -125,6 +125,7 @@ class TwoHeadSegmenter(nn.Module):
                     setattr(features, name, None)
         self.features = features
         self.num_classes = getattr(model, "num_classes", None)
+        self.class_protocol = getattr(model, "class_protocol", None)   # its heads' classes are A's
         if perturbation > 0:
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -417,7 +418,7 @@ class AnnotatedTargetTraining(OutputSpaceAdaptation):
         Method.__init__(self)
         self.cfg, self.adversarial = stage_cfg, bool(adversarial)
         self.add_segmenter(model, stage_cfg.optimizer)
-        self._add_discriminators(num_classes or NUM_CLASSES)
+        self._add_discriminators(num_classes or getattr(model, "num_classes", NUM_CLASSES))
 
     @property
     def level_weights(self) -> dict[str, float]:

@@ -66,3 +66,24 @@ def test_evaluation_ignores_target_pixels_of_the_missing_classes():
     conf19 = confusion_matrix(to_train_ids(prediction16, "synthia16"), target19, num_classes=19)
     ious19 = per_class_iou(conf19)
     assert mean_iou(ious19, SYNTHIA_16_CLASSES) == mean_iou(ious19, SYNTHIA_13_CLASSES) == 1.0
+
+
+def test_a_16_class_prediction_is_scored_in_train_ids_with_the_missing_classes_ignored():
+    from torch import nn
+
+    from segshift.components.models.classes import model_protocol, scored_in_train_ids
+    prediction16 = torch.tensor([12, 12, 12, 9])          # car, car, car, sky (protocol ids)
+    target = torch.tensor([13, 14, 9, 10])                # car, truck, terrain, sky (train ids)
+    prediction, kept = scored_in_train_ids(prediction16, target, "synthia16")
+    assert prediction.tolist() == [13, 13, 13, 10] and kept.tolist() == [13, 255, 255, 10]
+    assert scored_in_train_ids(prediction16, target, "cityscapes19") == (prediction16, target)   # as is
+    conf = confusion_matrix(prediction, kept, num_classes=19)
+    ious = per_class_iou(conf)
+    assert ious[13] == ious[10] == 1.0 and all(ious[c] != ious[c] for c in missing_train_ids("synthia16"))
+
+    model = nn.Conv2d(3, 16, 1)
+    assert model_protocol(model) == "cityscapes19"        # a head without a protocol: ids as they are
+    model.class_protocol = "synthia16"
+    wrapper = nn.Module()
+    wrapper.module = model                                # DDP keeps the network under .module
+    assert model_protocol(model) == model_protocol(wrapper) == "synthia16"
