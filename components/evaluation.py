@@ -82,7 +82,8 @@ def _collate_full(batch: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     return torch.stack(images), torch.stack(labels), list(full)   # full labels: a list (sizes may differ)
 
 
-def _loader(dataset: Dataset, batch_size: int, loader_workers: int, full: bool) -> DataLoader:
+def scoring_loader(dataset: Dataset, batch_size: int, loader_workers: int, full: bool) -> DataLoader:
+    """Batches of (images, labels), plus a list of native-resolution labels when `full`."""
     if not full:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
     return DataLoader(_WithFullLabels(dataset), batch_size=batch_size, shuffle=False,
@@ -130,7 +131,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     entropy_sum, pixels = 0.0, 0
     full = has_full_labels(dataset)
-    loader = _loader(dataset, batch_size, 0, full)
+    loader = scoring_loader(dataset, batch_size, 0, full)
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
             if full:
@@ -197,7 +198,7 @@ def evaluate_by_group(model: nn.Module, dataset: Dataset, groups: list[str | Non
     was_training = model.training
     model.eval()
     full = has_full_labels(dataset)
-    loader = _loader(dataset, batch_size, loader_workers, full)
+    loader = scoring_loader(dataset, batch_size, loader_workers, full)
     offset = 0
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):

@@ -431,7 +431,9 @@ def finish_stage(job: StageJob, summary: dict, seconds: float, tracker) -> dict:
     write_stage_report(job, metrics, evaluation, model, test, device, tracker)
     if tracker is not None:
         tracker.log_params({"resolved": summary.get("speed", {})})
-        tracker.log_metrics({f"test_{k}": v for k, v in evaluation.summary().items()
+        # the stage's headline: a round method may report more than its selected model (FDA's
+        # ensemble without self-training), as metrics["test"] does
+        tracker.log_metrics({f"test_{k}": v for k, v in metrics["test"].items()
                              if isinstance(v, float)}, step=summary["steps"])
         tracker.log_artifact(model_path, "model")
     return metrics

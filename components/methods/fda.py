@@ -42,10 +42,12 @@ from tqdm import tqdm
 
 from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD, PreparedSplit
 from segshift.components.data.labels import IGNORE_INDEX, NUM_CLASSES
-from segshift.components.evaluation import Evaluation, protocol_confusion, validation_metrics
+from segshift.components.evaluation import (Evaluation, has_full_labels, protocol_confusion, scoring_loader,
+                                            upsample_to_full, validation_metrics)
 from segshift.components.losses import normalised_entropy, upsample
 from segshift.components.methods.base import Backward, Batch, Method, MethodSpec, check_same_size
 from segshift.components.methods.rounds import Round, RoundContext, source_and_target
+from segshift.components.models.base import SegOutput
 from segshift.components.models.classes import model_protocol, to_train_ids
 
 #: the window sizes of the paper's multi-band transfer (MBT)
@@ -298,40 +300,55 @@ class FDA(Method):
 # pseudo-labels target train (per-class confidence thresholds), then a self-training round at `beta`
 # on them, from the stage's init like the band models (the reference's).
 
-def ensemble_probabilities(outputs, size: tuple[int, int]) -> torch.Tensor:
+def ensemble_probabilities(outputs, size: tuple[int, int], resize=upsample) -> torch.Tensor:
     """The multi-band ensemble as the reference computes it (`evaluation_multi.py`,
     `getSudoLabel_multi.py`): each model's softmax at its output resolution, averaged, and the
-    averaged probabilities upsampled to `size`."""
+    averaged probabilities resized to `size` (`resize`: bilinear; `upsample_to_full` for a
+    native-resolution label, as the reference's 2048x1024 evaluation)."""
     mean = multi_band_ensemble([out.main.float().softmax(1) for out in outputs])
-    return mean if tuple(mean.shape[-2:]) == tuple(size) else upsample(mean, size)
+    return mean if tuple(mean.shape[-2:]) == tuple(size) else resize(mean, size)
+
+
+def _targets(labels: torch.Tensor, full_labels: list[torch.Tensor] | None):
+    """(label (1, H, W), the resize that scores against it) per sample: the native-resolution label
+    where the dataset has one (as `evaluate`), else the prepared label."""
+    for i in range(labels.shape[0]):
+        if full_labels is not None and full_labels[i].numel():
+            yield full_labels[i][None], upsample_to_full
+        else:
+            yield labels[i:i + 1], upsample
 
 
 @torch.inference_mode()
 def evaluate_ensemble(models: list[torch.nn.Module], dataset, batch_size: int, device: torch.device,
                       progress: bool = False, desc: str = "fda: ensemble") -> tuple[Evaluation, list[Evaluation]]:
-    """The ensemble's evaluation on a labelled split (argmax of `ensemble_probabilities` at label
-    size), and each model's own (argmax of its upsampled logits, as `evaluate`), in one pass; a head
-    of another class protocol is scored in train ids, as `evaluate` does."""
+    """The ensemble's evaluation on a labelled split (argmax of `ensemble_probabilities` at the
+    label's size, the native-resolution label where the split has one) and each model's own (argmax
+    of its upsampled logits, as `evaluate`), in one pass, one image at a time; a head of another
+    class protocol is scored in train ids, as `evaluate` does."""
     protocol = model_protocol(models[0])
     conf = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     own = [torch.zeros_like(conf) for _ in models]
     entropy_sum, own_entropy, pixels = 0.0, [0.0] * len(models), 0
     for model in models:
         model.eval()
-    for images, labels in tqdm(DataLoader(dataset, batch_size=batch_size, shuffle=False), desc=desc,
-                               disable=not progress, dynamic_ncols=True):
-        images = images.to(device)
-        size = tuple(labels.shape[-2:])
-        outputs = [model(images) for model in models]
-        probs = ensemble_probabilities(outputs, size)
-        entropy = normalised_entropy(probs)
-        entropy_sum += float(entropy.sum())
-        pixels += entropy.numel()
-        conf += protocol_confusion(probs.argmax(1).cpu(), labels, NUM_CLASSES, protocol)
-        for k, out in enumerate(outputs):
-            single = upsample(out.main.float(), size).softmax(1)
-            own_entropy[k] += float(normalised_entropy(single).sum())
-            own[k] += protocol_confusion(single.argmax(1).cpu(), labels, NUM_CLASSES, protocol)
+    full = has_full_labels(dataset)
+    for batch in tqdm(scoring_loader(dataset, batch_size, 0, full), desc=desc, disable=not progress,
+                      dynamic_ncols=True):
+        images, labels, full_labels = batch if full else (*batch, None)
+        outputs = [model(images.to(device)) for model in models]
+        for i, (target, resize) in enumerate(_targets(labels, full_labels)):
+            size = tuple(target.shape[-2:])
+            sample = [SegOutput(out.main[i:i + 1]) for out in outputs]
+            probs = ensemble_probabilities(sample, size, resize)
+            entropy = normalised_entropy(probs)
+            entropy_sum += float(entropy.sum())
+            pixels += entropy.numel()
+            conf += protocol_confusion(probs.argmax(1).cpu(), target, NUM_CLASSES, protocol)
+            for k, out in enumerate(sample):
+                single = resize(out.main.float(), size).softmax(1)
+                own_entropy[k] += float(normalised_entropy(single).sum())
+                own[k] += protocol_confusion(single.argmax(1).cpu(), target, NUM_CLASSES, protocol)
     return (Evaluation(conf, entropy_sum / max(pixels, 1), protocol),
             [Evaluation(c, e / max(pixels, 1), protocol) for c, e in zip(own, own_entropy)])
 

@@ -311,3 +311,25 @@ def test_class_thresholds_follow_the_reference_index_not_a_kept_share():
     assert int((apply_class_thresholds(torch.zeros(10, dtype=torch.long), conf, t) == 0).sum()) == 3
     # n = 1: the reference's x[round(0.66)] = x[1] is out of range; we take the only value
     torch.testing.assert_close(class_thresholds(torch.tensor([1]), torch.tensor([0.7]), 2), torch.tensor([0.0, 0.7]))
+
+
+def test_the_ensemble_is_scored_against_native_resolution_labels_as_single_models_are():
+    """The reference scores the MBT ensemble at 2048x1024: a split with native-resolution labels
+    scores the ensemble (and each band model) there, as `evaluate` scores one model."""
+    from segshift.components.evaluation import evaluate
+    from segshift.components.methods.fda import evaluate_ensemble
+    from tests.components.test_evaluation import POLE, ROAD, FixedLogits, FullLabelled, _pole_label
+
+    full = _pole_label()                                   # 4x8, a 1-pixel pole the 4x2 label loses
+    road, pole = torch.zeros(1, 19, 1, 2), torch.zeros(1, 19, 1, 2)
+    road[:, ROAD] = 1.0
+    pole[:, POLE] = 3.0                                    # a second model that says pole everywhere
+    models = [FixedLogits(road), FixedLogits(pole)]
+    dataset = FullLabelled(torch.zeros(1, 3, 4, 2), [full], prepared_size=(2, 4))
+    ensemble, bands = evaluate_ensemble(models, dataset, batch_size=1, device=torch.device("cpu"))
+    assert int(ensemble.confusion.sum()) == full.size               # 32 pixels: the native label's
+    assert int(ensemble.confusion[POLE].sum()) == 4                 # the pole is scored
+    for model, band in zip(models, bands):
+        assert torch.equal(band.confusion, evaluate(model, dataset, 1, torch.device("cpu")).confusion)
+    # mean of softmax(road) and softmax(pole): pole's 3.0 outweighs road's 1.0 -> pole everywhere
+    assert int(ensemble.confusion[:, POLE].sum()) == full.size
