@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine with Python 3.11, pip and git:
 #   make repro   create .venv, install, run the pipeline (dvc repro) on the built-in data
-#   make test    create .venv, install, run the test suite
+#   make test    create .venv, install, run the default test suite (fast: unit tests and one CLI smoke run)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Run DVC stages with the venv's `segshift` on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-slow test-all bench gpu-check clean
+.PHONY: install repro test test-integration test-slow test-all bench gpu-check clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ repro: install
 
 test: install
 	$(BIN)/pytest -q
+
+# Real services (moto S3, mlflow server, Ray), several processes, whole stages and pipelines.
+test-integration: install
+	$(BIN)/pytest -q -m "integration and not slow"
 
 test-slow: install
 	$(BIN)/pytest -q -m slow

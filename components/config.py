@@ -18,6 +18,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, Val
                       model_validator)
 
 from segshift.components.data.synthetic import CONDITIONS
+from segshift.components.stages import COMPARABLE
 
 
 class ConfigError(ValueError):
@@ -672,7 +673,7 @@ class SeedsConfig(_Strict):
     out_dir: str                        # <out_dir>/seed-<n>/... and seeds.json / seeds.md
 
 
-CompareStage = Literal["source", "oracle", "inter", "rank", "intra"]
+CompareStage = Literal[COMPARABLE]     # from components/stages.py: a new stage is accepted without an edit here
 
 
 class CompareEntry(_Strict):

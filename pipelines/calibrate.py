@@ -21,8 +21,8 @@ from segshift.components.evaluation import evaluate
 from segshift.components.io import atomic_write_text
 from segshift.components.methods.supervised import Supervised
 from segshift.components.models.factory import build_model
-from segshift.pipelines.train import batch_source
 from segshift.pipelines.remote import prepared_dir
+from segshift.pipelines.runtime import batch_source
 
 # (name, training domain, per-image colour normalisation)
 CALIBRATION_RUNS = (("source_only", "source", False), ("oracle", "target", False),

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from segshift import __version__
-from segshift.components.config import ConfigError, load_params, truncated, validation_problems, yaml_problem
+from segshift.components.config import ConfigError, truncated, validation_problems, yaml_problem
 
 # Errors a user can fix (a file, a setting, the environment); anything else is a bug. OSError
 # covers missing, unreadable and directory paths, a full disk and an unreachable endpoint;
@@ -33,7 +33,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from segshift.components.io import OutputError
     from segshift.components.models.factory import ModelError
     from segshift.components.paths import UnsafePathError
-    from segshift.pipelines.train import StageInputError
+    from segshift.components.methods.rounds import StageInputError
     from segshift.components.ranking import RankingError
     from segshift.pipelines.cluster import ClusterError
     from segshift.pipelines.sweep import SweepError
@@ -102,22 +102,13 @@ def _add_params(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from segshift.pipelines.prepare import prepare
-    params = load_params(args.params)
-    report = prepare(params, progress=not args.quiet)
-    counts = ", ".join(f"{domain}: " + " ".join(f"{s}={n}" for s, n in splits.items())
-                       for domain, splits in report.counts.items())
-    uploaded = f"; {report.uploaded} files uploaded" if report.uploaded else ""
-    print(f"prepared {report.out_dir} in {report.seconds:.1f}s ({counts}){uploaded}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from segshift.pipelines.bench import build_bench_parser
     from segshift.pipelines.calibrate import build_calibrate_parser
     from segshift.pipelines.compare import build_compare_parser
+    from segshift.pipelines.dvc_yaml import build_dvc_yaml_parser
     from segshift.pipelines.ingest import build_ingest_parser
+    from segshift.pipelines.prepare import build_prepare_parser
     from segshift.pipelines.preview import build_preview_parser
     from segshift.pipelines.train import build_train_parser
     from segshift.pipelines.profile import build_profile_parser
@@ -133,10 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"segshift {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prep = sub.add_parser("prepare", help="build the prepared source and target datasets (DVC stage)")
-    _add_params(prep)
-    prep.set_defaults(func=_cmd_prepare)
-
+    build_prepare_parser(sub, _add_params)
     build_train_parser(sub, _add_params)
     build_rank_parser(sub, _add_params)
     build_evaluate_parser(sub, _add_params)
@@ -150,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_profile_parser(sub, _add_params)
     build_gpu_check_parser(sub, _add_params)
     build_preset_parser(sub)
+    build_dvc_yaml_parser(sub)
     return parser
 
 

@@ -37,9 +37,9 @@ from segshift.components.config import CompareEntry, ConfigError, Params, load_p
 from segshift.components.data.labels import CLASS_NAMES
 from segshift.components.io import (atomic_copy, atomic_write_bytes, atomic_write_text, resolve_under,
                                    strict_json)
+from segshift.components.stages import TRAINING as TRAINING_STAGES
 from segshift.pipelines.seeds import mean_std, seed_params
 
-TRAINING_STAGES = ("source", "oracle", "inter", "intra")
 SOURCE_DIR = "_source"
 # What a source training depends on: entries equal on these share it.
 SOURCE_KEYS = ("model", "engine", "source", "prepare", "storage")
@@ -494,6 +494,8 @@ def compare_markdown(summary: dict) -> str:
         share = e["labelled_share_mean"]
         lines.append(f"| {name} | {_pct(e['miou_mean'])} ± {_pct(e['miou_std'])} | {per_seed} | {delta} "
                      f"| {control} | {100 * share:.1f} % | {e['method_seconds_mean']:.1f} | {e['total_seconds_mean']:.1f} |")
+    if summary.get("missing"):
+        lines += ["", f"Not yet trained (left out of the means): {', '.join(summary['missing'])}."]
     lines += ["", "Stages: " + "; ".join(f"{n}: {' → '.join(e['stages'])}" for n, e in entries.items()) + ".",
               "",
               ("Wall time is the sum of the `seconds` of the stages an entry ran. Entries whose first stage "
@@ -530,8 +532,8 @@ def compare_markdown(summary: dict) -> str:
 
 
 def _figure_bytes(figure) -> bytes:
-    from segshift.pipelines.sweep_report import _png
-    return _png(figure)
+    from segshift.pipelines.sweep_report import figure_png
+    return figure_png(figure)
 
 
 def miou_picture(entries: dict[str, dict]) -> bytes:
@@ -620,22 +622,40 @@ def log_to_mlflow(params: Params, project_dir: Path, summary: dict, paths: dict[
             tracker.log_artifact(path)
 
 
+def collect_runs(plan: Plan, project_dir: Path, progress: bool, train: bool) -> tuple[dict, list[Run]]:
+    """Every run's stage metrics: trained now unless recorded or done before, or (`train` off)
+    from the records alone; with the runs that have none (only when not training)."""
+    runs: dict[str, dict[int, dict[str, dict]]] = {name: {} for name in plan.entries}
+    missing = []
+    for run in plan.runs:
+        if train:
+            runs[run.entry][run.seed] = execute(run, project_dir, progress)
+        elif (record := read_record(run, project_dir)) is not None:
+            runs[run.entry][run.seed] = {stage: record["metrics"][stage] for stage in dict.fromkeys(run.stages)}
+        else:
+            missing.append(run)
+    return {name: per_seed for name, per_seed in runs.items() if per_seed}, missing
+
+
 def run_compare(params: Params, project_dir: Path, entries: list[str] | None = None,
-                seeds: list[int] | None = None, progress: bool = True, profile: bool = True) -> dict:
-    """Plan (validated first), run every entry x seed, write the report and log it; the summary."""
+                seeds: list[int] | None = None, progress: bool = True, profile: bool = True,
+                train: bool = True) -> dict:
+    """Plan (validated first), run every entry x seed (or, `train` off, read their records), write
+    the report and log it; the summary."""
     project_dir = Path(project_dir).resolve()
     plan = build_plan(params, entries, seeds)
-    runs: dict[str, dict[int, dict[str, dict]]] = {name: {} for name in plan.entries}
-    for run in plan.runs:
-        runs[run.entry][run.seed] = execute(run, project_dir, progress)
+    runs, missing = collect_runs(plan, project_dir, progress, train)
+    if not runs:
+        raise CompareError(f"no run of the comparison is recorded in {params.compare.records}; "
+                           "run `segshift compare` to train them")
     first = {r.entry: r for r in reversed(plan.runs)}
     info = {name: {"stages": list(entry.stages), "model": plan.models[name], "baseline": plan.baselines[name],
                    "control": plan.controls[name],
                    "shared_source": first[name].source is not None}
-            for name, entry in plan.entries.items()}
+            for name, entry in plan.entries.items() if name in runs}
     result = aggregate(info, runs)
     configs = {}
-    for name in plan.entries:
+    for name in result:
         configs.setdefault(plan.models[name], first[name].params.model.model_dump(mode="json"))
     measured = None
     if profile:
@@ -645,19 +665,68 @@ def run_compare(params: Params, project_dir: Path, entries: list[str] | None = N
     summary = {"seeds": plan.seeds, "entries": result,
                "models": model_summary(result, configs, measured["models"] if measured else None),
                "profile": {k: v for k, v in measured.items() if k != "models"} if measured else None,
-               "source_runs": sorted({str(r.source.run_dir.parent) for r in plan.runs if r.source})}
+               "source_runs": sorted({str(r.source.run_dir.parent) for r in plan.runs if r.source}),
+               "budget": dict(params.compare.set),
+               "missing": [f"{r.entry} seed {r.seed}" for r in missing]}
     paths = report_paths(params, project_dir)
     write_report(summary, paths)
     log_to_mlflow(params, project_dir, summary, paths)
     return summary
 
 
+# -- the README's results table ---------------------------------------------------------------------
+
+README_BEGIN, README_END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
+
+
+def readme_table(summary: dict) -> str:
+    """The README's results block: per entry mean ± std (per seed), Δ vs source-only and vs the
+    budget control, share of target pixels labelled; the budget and any missing runs named."""
+    budget = ", ".join(f"`{k}: {v}`" for k, v in summary.get("budget", {}).items())
+    lines = [f"Target-test mIoU (%) from `segshift compare` (`reports/compare.md`; regenerate this block with "
+             f"`segshift compare --report-only --readme README.md`), mean ± std over the seeds shown, 2-core "
+             f"CPU, the budget of `compare.set` ({budget}; entries may set their own, see `params.yaml`).", ""]
+    if summary.get("missing"):
+        lines += [f"Not yet trained (left out of the means): {', '.join(summary['missing'])}.", ""]
+    lines += ["| entry | mIoU mean ± std (per seed) | Δ vs source-only | Δ vs budget control | target pixels labelled |",
+              "|---|---|---|---|---|"]
+    for name, e in summary["entries"].items():
+        per_seed = ", ".join(f"s{seed}: {_pct(v)}" for seed, v in e["miou"].items())
+        if e["baseline"] is None or e["delta_vs_source_only"] is None:
+            delta = "–"
+        elif e["baseline"] == name:
+            delta = "(reference)"
+        else:
+            delta = f"{100 * e['delta_vs_source_only']:+.1f}" + (
+                "" if e["baseline"] == "source-only" else f" (vs {e['baseline']})")
+        control = ("–" if e.get("delta_vs_control") is None
+                   else f"{100 * e['delta_vs_control']:+.1f} (vs {e['control']})")
+        lines.append(f"| {name} | {_pct(e['miou_mean'])} ± {_pct(e['miou_std'])} ({per_seed}) | {delta} | "
+                     f"{control} | {100 * e['labelled_share_mean']:.1f} % |")
+    return "\n".join(lines)
+
+
+def update_readme(path: Path, summary: dict) -> None:
+    """Replace what lies between the README's compare-table markers with `readme_table`."""
+    text = path.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or \
+            text.index(README_BEGIN) > text.index(README_END):
+        raise CompareError(f"{path}: expected one '{README_BEGIN}' line and, after it, one '{README_END}' line")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    atomic_write_text(path, f"{head}{README_BEGIN}\n{readme_table(summary)}\n{README_END}{tail}")
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    summary = run_compare(params, Path.cwd(), entries=args.entries, seeds=args.seeds, progress=not args.quiet)
+    summary = run_compare(params, Path.cwd(), entries=args.entries, seeds=args.seeds, progress=not args.quiet,
+                          train=not args.report_only)
     paths = report_paths(params, Path.cwd().resolve())
     print(compare_markdown(summary).split("\n## ")[0].rstrip())
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if args.readme:
+        update_readme(Path(args.readme), summary)
+        print(f"updated the results table of {args.readme}")
     return 0
 
 
@@ -668,5 +737,9 @@ def build_compare_parser(sub, add_params) -> None:
                         help="entries to run (default: all of compare.entries)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
                         help="engine seeds to run (default: compare.seeds)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: the report from the runs recorded in compare.records")
+    parser.add_argument("--readme", default=None, metavar="PATH",
+                        help="also rewrite the results table between PATH's compare-table markers")
     add_params(parser)
     parser.set_defaults(func=_cmd_compare)

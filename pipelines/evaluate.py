@@ -38,9 +38,10 @@ from segshift.components.data.manifest import MANIFEST_NAME
 from segshift.components.evaluation import GroupedEvaluation, evaluate_by_group
 from segshift.components.io import (atomic_write_text, finite_or_none, resolve_under,
                                    strict_json, write_png)
+from segshift.components.methods.rounds import StageInputError
 from segshift.components.visualize import grouped_bar_picture, iou_bar_picture
-from segshift.pipelines.train import StageInputError, load_stage_model
 from segshift.pipelines.remote import prepared_dir
+from segshift.pipelines.stage_model import load_stage_model
 
 STAGE = "evaluate"
 

@@ -1,6 +1,7 @@
 """The `prepare` stage: the prepared source and target domains, built-in or ingested, written atomically."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segshift.components.config import DomainConfig, Params
+from segshift.components.config import DomainConfig, Params, load_params
 from segshift.components.data.builtin import spec_from_config, write_builtin_domain
 from segshift.components.data.manifest import MANIFEST_NAME, read_manifest
 from segshift.components.data.splits import cityscapes_roles, hold_out_val
@@ -81,3 +82,19 @@ def prepare(params: Params, progress: bool = True, project_dir: str | Path = "."
     report.uploaded = push(params, project_dir, p.out_dir)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    report = prepare(params, progress=not args.quiet)
+    counts = ", ".join(f"{domain}: " + " ".join(f"{s}={n}" for s, n in splits.items())
+                       for domain, splits in report.counts.items())
+    uploaded = f"; {report.uploaded} files uploaded" if report.uploaded else ""
+    print(f"prepared {report.out_dir} in {report.seconds:.1f}s ({counts}){uploaded}")
+    return 0
+
+
+def build_prepare_parser(sub, add_params) -> None:
+    parser = sub.add_parser("prepare", help="build the prepared source and target datasets (DVC stage)")
+    add_params(parser)
+    parser.set_defaults(func=_cmd_prepare)

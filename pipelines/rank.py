@@ -97,7 +97,7 @@ class ScoreActor:
 
     def __init__(self, params: dict, model_path: str, target_dir: str, out_dir: str):
         from segshift.components.engine.loop import resolve_device
-        from segshift.pipelines.train import load_stage_model
+        from segshift.pipelines.stage_model import load_stage_model
         config = Params.model_validate(params)
         self.device = resolve_device(config.engine.device)
         self.model = load_stage_model(Path(model_path), config).to(self.device).eval()
@@ -316,7 +316,7 @@ def examples_picture(params: Params, inputs: RankInputs, table) -> np.ndarray:
     """Rows: the easiest, then the hardest images: image | prediction | entropy map."""
     import cv2
     from segshift.components.visualize import grid, prediction_rows
-    from segshift.pipelines.train import load_stage_model
+    from segshift.pipelines.stage_model import load_stage_model
     ids = table["sample_id"].to_pylist()          # rank order
     k = min(REPORT_EXAMPLES, sum(s == EASY for s in table["split"].to_pylist()),
             sum(s == HARD for s in table["split"].to_pylist()))

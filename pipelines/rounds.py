@@ -38,7 +38,8 @@ from segshift.components.io import atomic_write_text, write_png
 from segshift.components.methods.registry import method_spec, stage_method
 from segshift.components.methods.rounds import Round, StageInputError, label_file
 from segshift.pipelines.remote import push
-from segshift.pipelines.train import StageJob, initial_model, load_stage_model, run_workers, stage_config
+from segshift.pipelines.runtime import StageJob, initial_model, run_workers, stage_config
+from segshift.pipelines.stage_model import load_stage_model
 
 ROUND_FILE = "round.json"
 

@@ -20,8 +20,9 @@ import yaml
 
 from segshift.components.config import Params, load_params
 from segshift.components.io import atomic_write_text
+from segshift.components.stages import ON_PREPARED
 
-PIPELINE = ("source", "oracle", "inter", "rank", "intra", "evaluate")
+PIPELINE = ON_PREPARED    # each seed reuses the prepared data: every later stage, in order
 
 
 def seed_params(params: Params, seed: int, run_dir: Path) -> Params:

@@ -207,7 +207,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-    from segshift.pipelines.train import StageJob
+    from segshift.pipelines.runtime import StageJob
     ctx = SweepContext(**context)
     base = Params.model_validate(ctx.params)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -245,12 +245,12 @@ def _trial_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from segshift.components.engine.loop import Runtime
-    from segshift.pipelines.train import StageJob, _mlflow_logger, train_worker
+    from segshift.pipelines.runtime import StageJob, mlflow_logger, train_worker
     job = StageJob(**config)
     context = ray.train.get_context()
     runtime = Runtime(rank=context.get_world_rank(), world_size=context.get_world_size(),
                       device=ray.train.torch.get_device())
-    log = _mlflow_logger(job) if runtime.is_main else (lambda metrics, step: None)
+    log = mlflow_logger(job) if runtime.is_main else (lambda metrics, step: None)
 
     def report(metrics: dict[str, float], step: int) -> None:
         ray.train.report({**{k: float(v) for k, v in metrics.items()}, "step": step})
@@ -414,7 +414,7 @@ def evaluate_best(ctx: SweepContext, params: Params, trial_id: str) -> dict:
     from segshift.components.data.dataset import PreparedSplit
     from segshift.components.engine.loop import resolve_device
     from segshift.components.evaluation import evaluate
-    from segshift.pipelines.train import load_stage_model
+    from segshift.pipelines.stage_model import load_stage_model
     checkpoint = Path(ctx.sweep_dir) / "trials" / trial_id / "checkpoints" / STAGE / "best.pt"
     device = resolve_device(params.engine.device)
     model = load_stage_model(checkpoint, params).to(device)

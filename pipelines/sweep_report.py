@@ -28,7 +28,8 @@ def axis_position(dimension: SearchDimension, value: Any) -> float:
     return (v - low) / (high - low)
 
 
-def _png(figure) -> bytes:
+def figure_png(figure) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
     buffer = io.BytesIO()
     figure.tight_layout()
@@ -62,7 +63,7 @@ def lambda_picture(rows: list[dict], space: dict[str, SearchDimension]) -> bytes
     ax.set_ylabel("target-val mIoU (best report)")
     ax.set_title(f"sweep: {key} vs target-val mIoU ({len(rows)} trials)", fontsize=10)
     ax.legend(fontsize=8)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def parallel_picture(rows: list[dict], space: dict[str, SearchDimension]) -> bytes:
@@ -88,7 +89,7 @@ def parallel_picture(rows: list[dict], space: dict[str, SearchDimension]) -> byt
     ax.set_yticks([0, 1])
     ax.set_yticklabels(["low", "high"])
     ax.set_title("sweep: parallel coordinates (colour = target-val mIoU)", fontsize=10)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def write_pictures(rows: list[dict], params: Params, directory: Path) -> list[Path]:

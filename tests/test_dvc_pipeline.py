@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, TINY_BUILTIN, set_dotted
+
+pytestmark = pytest.mark.integration     # the whole pipeline under `dvc repro`, in subprocesses
 
 TINY_TRAINING = {**{f"{stage}.{key}": 2 for stage in ("source", "oracle", "inter", "intra")
                     for key in ("iterations", "batch_size")},

@@ -52,7 +52,7 @@ def test_compare_identities_are_unchanged(repo_params):
 def test_sweep_and_round_identities_are_unchanged(repo_params):
     from segshift.pipelines.rounds import stage_identity
     from segshift.pipelines.sweep import sweep_key
-    from segshift.pipelines.train import StageJob
+    from segshift.pipelines.runtime import StageJob
     assert sweep_key(repo_params, "m" * 64, "d" * 64) == "b6971df4c5076880"
     job = StageJob(params=repo_params.model_dump(mode="json"), stage="inter", project_dir="/nonexistent")
     assert stage_identity(job) == "33dfac567b0a2592"
@@ -62,7 +62,7 @@ def test_sweep_and_round_identities_are_unchanged(repo_params):
                                                   ("inter", "bf16", "ba70e6cf527a84e4"),
                                                   ("intra", "none", "f50b14165b9532c0")])
 def test_checkpoint_fingerprints_are_unchanged(repo_params, tmp_path, stage, amp, expected):
-    from segshift.pipelines.train import StageJob, run_fingerprint
+    from segshift.pipelines.runtime import StageJob, run_fingerprint
     job = StageJob(params=repo_params.model_dump(mode="json"), stage=stage,
                    project_dir=str(_fake_project(tmp_path, stage)))
     assert run_fingerprint(job, amp) == expected

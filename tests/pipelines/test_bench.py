@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from segshift.pipelines.bench import bench_ingest, bench_train, train_cases
 from segshift.pipelines.cli import main
 from tests.conftest import write_params
@@ -19,6 +21,7 @@ def test_ingest_benchmark_converts_native_size_gta5_frames():
     assert result["native_size"] == [1914, 1052] and result["images_per_s"] > 0
 
 
+@pytest.mark.integration
 def test_train_step_benchmark_reports_speed_and_peak_memory():
     case = {"backbone": "resnet18", "width": 0.125, "rates": [1], "size": (32, 64), "batch": 2}
     result = bench_train("tiny", case, "none", False, steps=1)
@@ -43,6 +46,7 @@ def test_bench_names_the_cpu_capability_and_what_auto_picks(capsys):
     assert report["auto"]["amp"] == ("bf16" if report["machine"]["native_bf16"] else "none")
 
 
+@pytest.mark.integration
 def test_bench_as_an_avx2_cpu_reruns_itself_with_the_isa_capped(capsys):
     import subprocess
     import sys
@@ -54,6 +58,7 @@ def test_bench_as_an_avx2_cpu_reruns_itself_with_the_isa_capped(capsys):
     assert report["machine"]["native_bf16"] is False and report["auto"] == {"amp": "none", "channels_last": False}
 
 
+@pytest.mark.integration
 def test_methods_benchmark_times_a_step_of_every_method(tmp_path):
     from segshift.pipelines.bench import METHOD_CASES, bench_methods
     params = write_params(tmp_path, {"model.width": 0.125, "prepare.builtin.height": 32,

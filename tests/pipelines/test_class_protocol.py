@@ -180,7 +180,8 @@ def test_the_rankings_labels_histograms_and_rare_classes_are_in_train_ids():
 
 def test_the_source_stage_trains_a_16_output_head_and_scores_it_on_16_classes(project, monkeypatch):  # noqa: F811
     from segshift.components.models.factory import ModelError
-    from segshift.pipelines.train import StageJob, load_stage_model, stage_datasets
+    from segshift.pipelines.runtime import StageJob, stage_datasets
+    from segshift.pipelines.stage_model import load_stage_model
     monkeypatch.chdir(project)
     overrides = {**SYNTHIA16, "source.crop": [32, 64]}
     assert run(project, "--stage", "source", overrides=overrides) == 0

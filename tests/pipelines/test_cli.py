@@ -204,6 +204,7 @@ def test_a_usage_error_is_one_line(capsys):
     assert err[0].startswith("segshift prepare: error: argument --params: expected one argument")
 
 
+@pytest.mark.integration
 def test_the_real_command_line_prints_one_line_for_an_alias_bomb(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(alias_bomb())

@@ -54,6 +54,7 @@ def local_ray():
         os.environ["RAY_AUTH_MODE"] = auth_mode
 
 
+@pytest.mark.integration
 def test_every_socket_of_the_local_ray_instance_listens_on_loopback_only(local_ray):
     ray, _ = local_ray
 
@@ -79,6 +80,7 @@ def test_every_socket_of_the_local_ray_instance_listens_on_loopback_only(local_r
     assert ray.util.get_node_ip_address() == "127.0.0.1"
 
 
+@pytest.mark.integration
 def test_starting_the_local_instance_leaves_no_global_switch_behind(local_ray):
     from ray._private import ray_constants
     _, flag_before = local_ray

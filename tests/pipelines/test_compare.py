@@ -319,3 +319,46 @@ def test_records_rebuild_the_report_without_the_runs_and_a_changed_setting_train
     record = json.loads((tmp_path / "records" / "source-only" / "seed-0.json").read_text())
     assert record["metrics"]["source"]["steps"] == 4
     assert [p["step"] for p in record["metrics"]["source"]["val_curve"]] == [2, 4]
+
+
+# Whole comparisons (several stages per entry and seed, through the CLI) are integration tests
+# (`make test-integration`); marked here, after their definitions.
+for _whole_comparison in (test_two_entries_two_seeds_end_to_end_then_a_rerun_skips_everything,
+                          test_records_rebuild_the_report_without_the_runs_and_a_changed_setting_trains_again):
+    pytest.mark.integration(_whole_comparison)
+
+
+def test_report_only_reads_the_records_names_missing_runs_and_writes_the_readme_block(tmp_path, monkeypatch,
+                                                                                      capsys):
+    entries = {"source-only": {"stages": ["source"]},
+               "minent": {"stages": ["source", "inter"], "set": {"inter.method": "minent"}}}
+    params_path = compare_params(tmp_path, entries=entries)
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "--params", str(params_path), "--quiet"]) == 0
+    assert main(["compare", "--params", str(params_path), "--entries", "source-only", "--seeds", "0",
+                 "--quiet"]) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("# guide\n\n<!-- compare-table:begin -->\nold table\n<!-- compare-table:end -->\n\nafter\n")
+    capsys.readouterr()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only trains nothing")
+    monkeypatch.setattr("segshift.pipelines.train.train_stage", no_training)
+    assert main(["compare", "--params", str(params_path), "--seeds", "0", "1", "--report-only",
+                 "--readme", str(readme), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "reports" / "compare.json").read_text())
+    assert list(summary["entries"]) == ["source-only"]                 # minent: no record at all
+    assert summary["missing"] == ["minent seed 0", "source-only seed 1", "minent seed 1"]   # seed-major
+    record = json.loads((tmp_path / "records" / "source-only" / "seed-0.json").read_text())
+    miou = record["metrics"]["source"]["test"]["miou"]
+    text = readme.read_text()
+    assert text.startswith("# guide\n\n<!-- compare-table:begin -->\n") and text.endswith(
+        "<!-- compare-table:end -->\n\nafter\n")
+    assert "old table" not in text and f"| source-only | {100 * miou:.1f} ± 0.0 (s0: {100 * miou:.1f}) |" in text
+    assert "Not yet trained (left out of the means): minent seed 0, source-only seed 1, minent seed 1." in text
+    assert "Not yet trained" in (tmp_path / "reports" / "compare.md").read_text()
+
+    readme.write_text("no markers\n")
+    assert main(["compare", "--params", str(params_path), "--seeds", "0", "--report-only",
+                 "--readme", str(readme), "--quiet"]) == 2
+    assert "compare-table:begin" in capsys.readouterr().err and readme.read_text() == "no markers\n"

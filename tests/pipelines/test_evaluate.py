@@ -20,7 +20,7 @@ from segshift.components.io import strict_json
 from segshift.pipelines.cli import main
 from segshift.pipelines.evaluate import (add_gap_closed, build_summary, gap_closed,
                                          summary_markdown, summary_per_class_rows)
-from segshift.pipelines.train import load_stage_model
+from segshift.pipelines.stage_model import load_stage_model
 from tests.conftest import write_params
 
 STAGES = ["source", "inter", "intra", "oracle"]

@@ -21,7 +21,7 @@ from segshift.components.ranking import (RANKING_SCHEMA, RankingError, build_ran
                                          pseudo_label, read_ranking)
 from segshift.pipelines import rank as rank_module
 from segshift.pipelines.cli import main
-from segshift.pipelines.train import load_stage_model
+from segshift.pipelines.stage_model import load_stage_model
 from tests.conftest import write_params
 
 # Ray Data's own DataContext sets deprecated fields of itself when it is created (Ray 2.60).
@@ -83,6 +83,7 @@ def ranked(tmp_path_factory, ray_local) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_rank_writes_the_ranking_pseudo_labels_metrics_reports_and_mlflow_run(ranked):
     summary = (ranked / "stdout.txt").read_text()
     assert summary.startswith(f"rank: {N} target train images -> 6 easy / 4 hard (lambda 0.67)")
@@ -147,6 +148,7 @@ def test_rank_writes_the_ranking_pseudo_labels_metrics_reports_and_mlflow_run(ra
             "report/easy_hard_examples.png"} <= artifacts
 
 
+@pytest.mark.integration
 def test_two_actors_give_the_same_ranking_as_one(ranked, tmp_path):
     params = load_params(ranked / "params.yaml", {"rank.concurrency": 2, "rank.batch_size": 2})
     inputs = rank_module.check_inputs(params, ranked)
@@ -169,6 +171,7 @@ def test_two_actors_give_the_same_ranking_as_one(ranked, tmp_path):
         assert (one != two).mean() < 1e-3
 
 
+@pytest.mark.integration
 def test_a_lambda_leaving_a_split_empty_exits_2_with_the_counts_before_inference(ranked, capsys, monkeypatch):
     monkeypatch.chdir(ranked)
     before = (ranked / "data" / "ranking" / "ranking.parquet").stat().st_mtime_ns
@@ -180,6 +183,7 @@ def test_a_lambda_leaving_a_split_empty_exits_2_with_the_counts_before_inference
     assert (ranked / "data" / "ranking" / "ranking.parquet").stat().st_mtime_ns == before
 
 
+@pytest.mark.integration
 def test_an_actor_pool_larger_than_the_local_ray_instance_is_refused(ranked, capsys, monkeypatch):
     monkeypatch.chdir(ranked)
     params = params_file(ranked, {"rank.concurrency": 3}, variant="pool")
@@ -203,6 +207,7 @@ def test_missing_inputs_name_the_file_and_the_stage_to_run(tmp_path, capsys):
     assert "run `segshift train --stage inter` (dvc repro inter) first" in err
 
 
+@pytest.mark.integration
 def test_a_failed_run_keeps_the_previous_ranking_and_leaves_no_staging(ranked, monkeypatch):
     monkeypatch.chdir(ranked)
     before = (ranked / "data" / "ranking" / "ranking.parquet").read_bytes()
@@ -218,6 +223,7 @@ def test_a_failed_run_keeps_the_previous_ranking_and_leaves_no_staging(ranked, m
     assert not [p for p in (ranked / "data").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.integration
 def test_a_re_prepared_target_makes_the_ranking_mismatch(ranked, tmp_path):
     params = write_params(tmp_path, {"prepare.builtin.counts": {**COUNTS, "target_train": N - 2}})
     assert main(["prepare", "--params", str(params), "--quiet"]) == 0
@@ -228,6 +234,7 @@ def test_a_re_prepared_target_makes_the_ranking_mismatch(ranked, tmp_path):
     assert "2 ranked image(s) are not in target train" in message and "re-run `segshift rank`" in message
 
 
+@pytest.mark.integration
 def test_class_balanced_selection_keeps_the_most_confident_share_of_each_class(ranked, monkeypatch):
     monkeypatch.chdir(ranked)
     share = 0.5

@@ -12,7 +12,7 @@ from segshift.components.data.labels import IGNORE_INDEX
 from segshift.components.data.manifest import read_manifest
 from segshift.pipelines.cli import main
 from segshift.pipelines.rounds import select_round
-from tests.conftest import write_params
+from tests.conftest import copy_project, write_params
 
 FAST = {"source.iterations": 2, "source.batch_size": 2, "inter.batch_size": 2,
         "engine.val_every": 2, "engine.checkpoint_every": 2, "engine.log_every": 1,
@@ -24,18 +24,11 @@ def run(project: Path, overrides: dict) -> int:
     return main(["train", "--params", str(params), "--stage", "inter", "--quiet"])
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("rounds")
-    params = write_params(root, FAST)
-    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
-    import os
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["train", "--params", str(params), "--stage", "source", "--quiet"]) == 0
-    finally:
-        os.chdir(cwd)
+@pytest.fixture
+def project(source_project, tmp_path) -> Path:
+    """A writable copy of the session's project with its source model (each test its own)."""
+    root = copy_project(source_project, tmp_path)
+    write_params(root, FAST)
     return root
 
 
@@ -71,6 +64,7 @@ def test_select_round_keeps_the_best_on_val_in_the_metrics_direction():
         select_round([], {})
 
 
+@pytest.mark.integration
 def test_lse_trains_one_round_per_share_with_growing_selections(project, monkeypatch):
     monkeypatch.chdir(project)
     # the reference keeps int(n_c * p / 19) images per class: none of 6 target images; keep at least
@@ -133,6 +127,7 @@ def test_lse_refuses_a_zoom_other_than_2x_in_one_line(project, monkeypatch, caps
     assert "takes only 2.0" in line and "rank.class_balanced_share" in line
 
 
+@pytest.mark.integration
 def test_fda_ensemble_pseudo_labels_then_self_training(project, monkeypatch):
     monkeypatch.chdir(project)
     assert run(project, {"inter.method": "fda", "inter.iterations": 8,
@@ -169,6 +164,7 @@ def test_fda_ensemble_pseudo_labels_then_self_training(project, monkeypatch):
         assert np.array_equal(read_label(stage_dir / "self-training" / "labels" / f"{sample_id}.png"), kept)
 
 
+@pytest.mark.integration
 def test_fda_without_self_training_reports_the_band_ensemble_as_the_stage_result(project, monkeypatch):
     monkeypatch.chdir(project)
     assert run(project, {"inter.method": "fda", "inter.iterations": 4,
@@ -183,13 +179,15 @@ def test_fda_without_self_training_reports_the_band_ensemble_as_the_stage_result
     assert metrics["selected_round"].startswith("beta-")     # the exported model: the best band
     per_class = json.loads((project / "metrics" / "inter_per_class.json").read_text())
     assert per_class                                          # the report's table is the ensemble's
+    _, inter = inter_run(project)                             # MLflow's test_* too, not the band's
+    assert inter.data.metrics["test_miou"] == pytest.approx(metrics["test"]["miou"], abs=1e-9)
 
 
 # -- FDA by hand: the reference's evaluation_multi.py / getSudoLabel_multi.py in numpy ---------------
 
 def _band_models(project: Path, stage_dir: Path) -> list:
     from segshift.components.config import load_params
-    from segshift.pipelines.train import load_stage_model
+    from segshift.pipelines.stage_model import load_stage_model
     params = load_params(project / "params.yaml")
     return [load_stage_model(stage_dir / f"beta-{b}" / "best.pt", params).eval() for b in ("0.01", "0.05", "0.09")]
 
@@ -241,6 +239,7 @@ def _reference_thresholds(labels: np.ndarray, conf: np.ndarray) -> list[float]:
 
 
 @pytest.mark.parametrize("selection", ["spl", "ppl"])
+@pytest.mark.integration
 def test_labor_reveals_only_asked_pixels_within_the_budget(project, monkeypatch, selection):
     monkeypatch.chdir(project)
     budget = 0.06
@@ -270,6 +269,7 @@ def test_labor_reveals_only_asked_pixels_within_the_budget(project, monkeypatch,
     assert "labor/labor_stage-1.png" in artifacts
 
 
+@pytest.mark.integration
 def test_a_person_can_take_the_oracles_place_through_files(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
     overrides = {"inter.method": "labor", "inter.iterations": 2, "methods.labor.stages": 2,
@@ -298,6 +298,7 @@ def test_a_person_can_take_the_oracles_place_through_files(project, monkeypatch,
         assert np.array_equal(label[known], truth[path.stem][known])
 
 
+@pytest.mark.integration
 def test_a_persons_label_of_the_wrong_size_format_or_ids_is_refused_naming_the_file(project, monkeypatch, capsys):
     import cv2
     from segshift.components.io import write_png
@@ -337,6 +338,7 @@ def _every_pixel_uncertain(monkeypatch):
     monkeypatch.setattr(labor_step, "inconsistency_mask", lambda a, b: torch.ones(a.argmax(1).shape, dtype=torch.bool))
 
 
+@pytest.mark.integration
 def test_labor_spl_books_show_the_papers_share_of_pixels_in_all_stages(project, monkeypatch):
     monkeypatch.chdir(project)
     _every_pixel_uncertain(monkeypatch)
@@ -361,6 +363,7 @@ def test_labor_spl_books_show_the_papers_share_of_pixels_in_all_stages(project, 
     assert json.loads((stage_dir / "stage-1-selector" / "round.json").read_text())["round"]["init"] == "adapt/best.pt"
 
 
+@pytest.mark.integration
 def test_labor_ppl_books_show_40_points_per_image_in_all_stages(project, monkeypatch):
     monkeypatch.chdir(project)
     _every_pixel_uncertain(monkeypatch)

@@ -18,7 +18,8 @@ from segshift.pipelines.cluster import ClusterError, check_reachable
 from segshift.pipelines.preset import apply_preset
 from tests.pipelines.sweep_helpers import N, free_port, mlflow_server, swept_project
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# Ray Tune trials against a real mlflow server, Ray clients: integration tests.
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,11 @@ def test_sweep_writes_best_params_summary_and_pictures(swept):
     best = summary["best"]
     assert best["val_miou"] == max(scores) and best["trial_id"] == summary["rows"][0]["trial_id"]
     assert set(best["config"]) == {"rank.lambda", "rank.class_balanced_share", "intra.optimizer.lr"}
-    assert 0 <= best["test"]["miou"] <= 1 and len(best["test"]["per_class_iou"]) == 19
+    # the best trial's test mIoU is the mean IoU over the classes present (a random inter model
+    # learns nothing worth a floor in 4 steps: the number to check is its consistency)
+    present = [v for v in best["test"]["per_class_iou"].values() if v is not None and v == v]
+    assert len(best["test"]["per_class_iou"]) == 19 and present
+    assert best["test"]["miou"] == pytest.approx(sum(present) / len(present), abs=1e-9)
     assert 0.3 <= best["config"]["rank.lambda"] <= 0.8
     overlay = yaml.safe_load((out / "best_params.yaml").read_text())
     assert overlay == {"rank": {"lambda": best["config"]["rank.lambda"],

@@ -227,6 +227,7 @@ def test_exception_ends_child_and_parent_failed(store, experiment):
     assert parent.info.status == "FAILED"
 
 
+@pytest.mark.integration
 def test_sigterm_ends_run_killed(store, experiment, tmp_path):
     proc = _start_worker(tmp_path, [experiment, "train", str(store), "sleep"], _worker_env())
     run_id = _read_line(proc)
@@ -487,6 +488,7 @@ def _dvc(repo, *args):
     subprocess.run([str(dvc), *args], cwd=repo, check=True, capture_output=True, text=True)
 
 
+@pytest.mark.integration
 def test_git_and_dvc_stage_tags(store, experiment, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     (repo / "src").mkdir(parents=True)
@@ -570,6 +572,7 @@ def mlflow_server(store) -> Iterator[str]:
             proc.wait()
 
 
+@pytest.mark.integration
 def test_concurrent_stages_through_a_server_lose_nothing(mlflow_server, experiment, tmp_path):
     client = MlflowClient(mlflow_server)
     experiment_id = client.create_experiment(experiment)

@@ -4,8 +4,10 @@ import pytest
 
 from segshift.components.config import load_params
 from segshift.pipelines.cli import main
-from segshift.pipelines.train import StageJob, run_workers
+from segshift.pipelines.runtime import StageJob, run_workers
 from tests.conftest import write_params
+
+pytestmark = pytest.mark.integration     # two Ray Train worker processes
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from segshift.components.engine.checkpoint import (CheckpointError, OutdatedChec
 from segshift.components.models.factory import ModelError, load_pretrained_backbone
 from segshift.components.models.deeplab import DeepLabV2
 from segshift.pipelines.cli import main
-from segshift.pipelines.train import load_stage_model
+from segshift.pipelines.stage_model import load_stage_model
 from tests.conftest import write_params
 
 UNSAFE = "contains objects other than tensors and plain data"
@@ -179,18 +179,14 @@ def assert_same_state(got, expected) -> None:
 
 # -- the user's paths: `segshift evaluate` and a resumed `segshift train` ------------------------
 
-FAST = {"model.width": 0.125, "engine.device": "cpu", "source.iterations": 2, "source.batch_size": 2,
-        "prepare.builtin.counts": {"source_train": 2, "source_val": 1, "target_train": 2,
-                                   "target_val": 1, "target_test": 1}}
+FAST = {"model.width": 0.125, "engine.device": "cpu", "source.iterations": 2, "source.batch_size": 2}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A prepared tiny project: the CLI gets as far as loading checkpoints."""
-    root = tmp_path_factory.mktemp("checkpoints")
-    params = write_params(root, {**FAST, "tracking.uri": f"sqlite:///{root / 'mlflow.db'}"})
-    assert main(["prepare", "--params", str(params), "--quiet"]) == 0
-    return root
+@pytest.fixture
+def project(tiny_project) -> Path:
+    """A copy of the session's prepared project: the CLI gets as far as loading checkpoints."""
+    write_params(tiny_project, {**FAST, "tracking.uri": f"sqlite:///{tiny_project / 'mlflow.db'}"})
+    return tiny_project
 
 
 def run_cli(project: Path, monkeypatch, *args: str) -> int:
@@ -254,7 +250,7 @@ def test_loading_a_checkpoint_of_an_older_segshift_says_delete_it(tmp_path: Path
         load_checkpoint(path)
 
 def test_a_model_file_without_weights_is_one_line_naming_it(tmp_path: Path):
-    from segshift.pipelines.train import load_stage_model
+    from segshift.pipelines.stage_model import load_stage_model
     path = tmp_path / "model.pt"
     torch.save({"step": 3}, path)
     with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: no 'model' entry"):

@@ -96,7 +96,7 @@ def test_a_ray_train_stage_on_the_gpu(tmp_path):
     import ray
 
     from segshift.pipelines.cli import main
-    from segshift.pipelines.train import StageJob, run_workers
+    from segshift.pipelines.runtime import StageJob, run_workers
     from tests.conftest import write_params
     path = write_params(tmp_path, {"source.iterations": 3, "source.batch_size": 2, "engine.val_every": 3,
                                    "engine.checkpoint_every": 3, "model.width": 0.125,
