@@ -37,7 +37,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from segshift.components.data.dataset import IMAGENET_MEAN, IMAGENET_STD, PreparedSplit

@@ -45,17 +45,8 @@ def save_stage_model(params, stage: str, root: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a busy 2-core machine far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, one_thread):
+def project(tmp_path_factory):
     """A prepared tiny project with four stage models, evaluated once through the CLI."""
     root = tmp_path_factory.mktemp("evaluate")
     params_file = write_params(root, overrides())
@@ -235,7 +226,7 @@ def test_build_summary_leaves_out_conditions_on_real_data():
 
 # -- Cityscapes scored at full resolution (prepare.target.full_resolution_labels) ---------------------
 
-def test_evaluate_scores_the_test_split_at_the_native_label_resolution(tmp_path, monkeypatch, one_thread):
+def test_evaluate_scores_the_test_split_at_the_native_label_resolution(tmp_path, monkeypatch):
     import numpy as np
     import torch.nn.functional as F
     from PIL import Image

@@ -3,7 +3,6 @@
 Written from the attacker's side: a `model.pt` / `last.pt` whose unpickling would create a marker
 file must be refused with one line naming the file, and the marker must never appear.
 """
-import io
 import pickle
 import random
 import re
