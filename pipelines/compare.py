@@ -46,6 +46,10 @@ SOURCE_KEYS = ("model", "engine", "source", "prepare", "storage")
 JSON_NAME = "compare.json"
 MIOU_NAME = "compare_miou.png"
 PER_CLASS_NAME = "compare_per_class.png"
+CURVES_NAME = "compare_curves.png"
+# A run has converged when its checkpoint selected on val lies before the last quarter of its
+# training, or when val rises by less than this (0.5 mIoU) over that last quarter.
+CONVERGED_RISE = 0.005
 MODEL_NAMES = {"deeplabv2": "DeepLab-v2", "bisenet": "BiSeNet"}
 BACKBONE_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet101": "ResNet-101"}
 PROFILE_WARMUP, PROFILE_REPEATS = 1, 3
@@ -385,6 +389,28 @@ def labelled_share(stage: str, metrics: dict) -> float:
     return float(metrics.get("labels", {}).get("share", 0.0))
 
 
+def val_curve(metrics: dict, metric: str = "val_miou") -> list[tuple[int, float]]:
+    """A stage's (step, val score) points in step order (a stage in rounds: on its step axis)."""
+    return sorted((int(p["step"]), float(p[metric])) for p in metrics.get("val_curve") or []
+                  if _finite(p.get(metric)))
+
+
+def convergence(metrics: dict) -> dict | None:
+    """Where a stage stood when it stopped: the step its val curve peaks at (the earliest best, as
+    the engine and the rounds select), its last step, and how much val rose over the last quarter
+    of training (from the last validation at or before 3/4 of it). Converged: the peak lies before
+    the last quarter, or the rise is under `CONVERGED_RISE`. None without a val curve."""
+    curve = val_curve(metrics)
+    if not curve:
+        return None
+    steps = curve[-1][0]
+    best = max(curve, key=lambda point: (point[1], -point[0]))
+    before = [value for step, value in curve if step <= 0.75 * steps]
+    rise = curve[-1][1] - before[-1] if before else None
+    converged = best[0] <= 0.75 * steps or (rise is not None and rise < CONVERGED_RISE)
+    return {"selected_step": best[0], "steps": steps, "last_quarter_rise": rise, "converged": converged}
+
+
 def aggregate(entries: dict[str, dict], runs: dict[str, dict[int, dict[str, dict]]]) -> dict:
     """Per entry: each seed's result and their mean ± std, Δ vs its source-only reference, share
     of target pixels labelled, wall time and per-class IoU.
@@ -420,6 +446,8 @@ def aggregate(entries: dict[str, dict], runs: dict[str, dict[int, dict[str, dict
             "total_seconds": total, "total_seconds_mean": statistics.fmean(list(total.values())),
             "per_class_iou": per_class,
             "per_class_iou_mean": {c: _nanmean([pc.get(c) for pc in per_class.values()]) for c in CLASS_NAMES},
+            "val_curve": {str(s): val_curve(m) for s, m in results.items()},
+            "convergence": {str(s): convergence(m) for s, m in results.items()},
         }
     for name, entry in out.items():
         base = entry["baseline"]
@@ -507,6 +535,13 @@ def compare_markdown(summary: dict) -> str:
                "gain over source-only is its extra steps: the budget control (`inter.method: supervised`, "
                "the same steps on source labels alone) measures that part, and the Δ against it is what "
                "the target term adds."), "",
+              "## Convergence", "",
+              (f"Per seed: the step the val curve peaks at / the stage's steps, and val's rise over the "
+               f"last quarter of training. Converged (✓): the peak lies before the last quarter, or the "
+               f"rise is under {100 * CONVERGED_RISE:.1f} mIoU. Curves: `{CURVES_NAME}`."), "",
+              "| entry | per seed: selected step / steps (rise over the last quarter) | converged |",
+              "|---|---|---|",
+              *[convergence_row(name, e) for name, e in entries.items()], "",
               "## Per-class IoU (%, mean over seeds)", "",
               "| entry | " + " | ".join(CLASS_NAMES) + " |",
               "|---|" + "---|" * len(CLASS_NAMES)]
@@ -529,6 +564,18 @@ def compare_markdown(summary: dict) -> str:
             lines.append(f"| {label} | {', '.join(m['entries'])} | {numbers} | "
                          f"{_pct(m['best_miou_mean'])} ({m['best_entry']}) |")
     return "\n".join(lines) + "\n"
+
+
+def convergence_row(name: str, entry: dict) -> str:
+    cells, done = [], 0
+    for seed, c in (entry.get("convergence") or {}).items():
+        if c is None:
+            cells.append(f"s{seed}: no val curve")
+            continue
+        rise = "–" if c["last_quarter_rise"] is None else f"{100 * c['last_quarter_rise']:+.1f}"
+        cells.append(f"s{seed}: {c['selected_step']} / {c['steps']} ({rise}){' ✓' if c['converged'] else ''}")
+        done += bool(c["converged"])
+    return f"| {name} | {'; '.join(cells)} | {done} of {len(cells)} |"
 
 
 def _figure_bytes(figure) -> bytes:
@@ -587,16 +634,47 @@ def per_class_picture(entries: dict[str, dict]) -> bytes:
     return _figure_bytes(figure)
 
 
+def curves_picture(entries: dict[str, dict]) -> bytes:
+    """Target-val mIoU against steps of each entry's reported stage, one panel per entry, a line
+    per seed; the selected step marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(entries)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), dpi=100, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for seed, curve in entries[name].get("val_curve", {}).items():
+            if curve:
+                steps, values = zip(*curve)
+                line, = ax.plot(steps, [100 * v for v in values], marker=".", linewidth=1, label=f"seed {seed}")
+                chosen = (entries[name].get("convergence", {}).get(seed) or {}).get("selected_step")
+                if chosen is not None:
+                    ax.axvline(chosen, color=line.get_color(), linestyle=":", linewidth=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("target-val mIoU (%)", fontsize=8)
+    axes.flat[0].legend(fontsize=6)
+    figure.suptitle("val curves of each entry's reported stage (dotted: the step selected on val)", fontsize=10)
+    figure.tight_layout()
+    return _figure_bytes(figure)
+
+
 def report_paths(params: Params, project_dir: Path) -> dict[str, Path]:
     md = resolve_under(project_dir, params.compare.report)
     return {"md": md, "json": md.parent / JSON_NAME, "miou": md.parent / MIOU_NAME,
-            "per_class": md.parent / PER_CLASS_NAME}
+            "per_class": md.parent / PER_CLASS_NAME, "curves": md.parent / CURVES_NAME}
 
 
 def write_report(summary: dict, paths: dict[str, Path]) -> None:
     atomic_write_text(paths["json"], strict_json(summary))
     atomic_write_bytes(paths["miou"], miou_picture(summary["entries"]))
     atomic_write_bytes(paths["per_class"], per_class_picture(summary["entries"]))
+    atomic_write_bytes(paths["curves"], curves_picture(summary["entries"]))
     atomic_write_text(paths["md"], compare_markdown(summary))
 
 

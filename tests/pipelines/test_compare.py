@@ -362,3 +362,38 @@ def test_report_only_reads_the_records_names_missing_runs_and_writes_the_readme_
     assert main(["compare", "--params", str(params_path), "--seeds", "0", "--report-only",
                  "--readme", str(readme), "--quiet"]) == 2
     assert "compare-table:begin" in capsys.readouterr().err and readme.read_text() == "no markers\n"
+
+
+@pytest.mark.parametrize("curve, expected", [
+    # peak at 50 of 100: before the last quarter -> converged
+    ([(25, 0.10), (50, 0.20), (75, 0.19), (100, 0.18)], {"selected_step": 50, "steps": 100, "converged": True}),
+    # still rising at the end by 2 points over the last quarter -> not converged
+    ([(25, 0.10), (50, 0.15), (75, 0.18), (100, 0.20)], {"selected_step": 100, "steps": 100, "converged": False}),
+    # peak at the end but a rise of 0.3 points over the last quarter (< 0.5) -> converged
+    ([(25, 0.10), (50, 0.15), (75, 0.197), (100, 0.20)], {"selected_step": 100, "steps": 100, "converged": True}),
+    # one validation at the end: nothing says it flattened
+    ([(150, 0.22)], {"selected_step": 150, "steps": 150, "converged": False}),
+    # a tie: the earliest best, as the engine selects
+    ([(40, 0.3), (80, 0.3), (120, 0.1), (160, 0.1)], {"selected_step": 40, "steps": 160, "converged": True}),
+])
+def test_convergence_from_the_val_curve(curve, expected):
+    from segshift.pipelines.compare import convergence
+    metrics = {"val_curve": [{"step": s, "val_miou": v, "round": "r"} for s, v in reversed(curve)]}
+    found = convergence(metrics)
+    assert {k: found[k] for k in expected} == expected
+    if len(curve) > 1:
+        assert found["last_quarter_rise"] == pytest.approx(curve[-1][1] - curve[2][1])
+    assert convergence({"val_curve": []}) is None and convergence({}) is None
+
+
+def test_the_curves_picture_and_the_convergence_table():
+    from segshift.pipelines.compare import aggregate, compare_markdown, curves_picture
+    curve = [{"step": 50, "val_miou": 0.2}, {"step": 100, "val_miou": 0.25}]
+    metrics = {"test": {"miou": 0.3, "per_class_iou": {c: 0.3 for c in CLASS_NAMES}}, "val_curve": curve}
+    entries = {"source-only": {"stages": ["source"], "model": "m", "baseline": "source-only"}}
+    result = aggregate(entries, {"source-only": {0: {"source": metrics}, 1: {"source": {**metrics, "val_curve": []}}}})
+    assert result["source-only"]["val_curve"] == {"0": [(50, 0.2), (100, 0.25)], "1": []}
+    text = compare_markdown({"seeds": [0, 1], "entries": result})
+    assert "| source-only | s0: 100 / 100 (+5.0); s1: no val curve | 0 of 2 |" in text
+    picture = curves_picture(result)
+    assert picture[:8] == b"\x89PNG\r\n\x1a\n" and len(picture) > 5_000
