@@ -692,6 +692,10 @@ class CompareConfig(_Strict):
     records: str                        # <records>/<entry>/seed-<n>.json: each finished run's result (committed)
     set: dict[str, Any]                 # dotted key -> value for every entry (the comparison's budget)
     entries: dict[str, CompareEntry] = Field(min_length=1, max_length=200)
+    # entry -> its method's published target mIoU (%) in the setting the comparison miniaturises,
+    # the source-only entry's included: the report's "ours vs the literature" table
+    # (names the comparison does not run are listed as such, so a subset of entries still runs)
+    literature: dict[str, Annotated[Float, Field(ge=0, le=100)]] = Field(max_length=200)
 
 
 class SearchDimension(_Strict):

@@ -542,6 +542,7 @@ def compare_markdown(summary: dict) -> str:
               "| entry | per seed: selected step / steps (rise over the last quarter) | converged |",
               "|---|---|---|",
               *[convergence_row(name, e) for name, e in entries.items()], "",
+              *literature_lines(summary),
               "## Per-class IoU (%, mean over seeds)", "",
               "| entry | " + " | ".join(CLASS_NAMES) + " |",
               "|---|" + "---|" * len(CLASS_NAMES)]
@@ -564,6 +565,39 @@ def compare_markdown(summary: dict) -> str:
             lines.append(f"| {label} | {', '.join(m['entries'])} | {numbers} | "
                          f"{_pct(m['best_miou_mean'])} ({m['best_entry']}) |")
     return "\n".join(lines) + "\n"
+
+
+def literature_lines(summary: dict) -> list[str]:
+    """Per entry with a published number: our Δ over source-only and over its budget control
+    beside the published Δ over the published source-only, and whether the order of the methods
+    agrees (the pairs it does not, named)."""
+    published, entries = summary.get("literature") or {}, summary["entries"]
+    compared = [n for n in published if n in entries]
+    if not compared:
+        return []
+    lines = ["## Ours vs the literature", "",
+             ("Published target mIoU of each method in the setting this comparison miniaturises "
+              "(`compare.literature`), its Δ over the published source-only, and ours (Δ over the "
+              "source-only entry, and over the entry's budget control where one is compared)."), "",
+             "| entry | published mIoU | published Δ | our mIoU | our Δ vs source-only | our Δ vs control |",
+             "|---|---|---|---|---|---|"]
+    for name in compared:
+        e = entries[name]
+        base = e["baseline"]
+        reference = published.get(base) if base is not None and base != name else None
+        lit_delta = "–" if reference is None else f"{published[name] - reference:+.1f}"
+        ours = "(reference)" if base == name else ("–" if e["delta_vs_source_only"] is None
+                                                   else f"{100 * e['delta_vs_source_only']:+.1f}")
+        control = "–" if e.get("delta_vs_control") is None else f"{100 * e['delta_vs_control']:+.1f}"
+        lines.append(f"| {name} | {published[name]:.1f} | {lit_delta} | {_pct(e['miou_mean'])} | {ours} | {control} |")
+    flipped = [(a, b) for i, a in enumerate(compared) for b in compared[i + 1:]
+               if (published[a] - published[b]) * (entries[a]["miou_mean"] - entries[b]["miou_mean"]) < 0]
+    lines += ["", "Order of the methods: " + ("agrees with the literature." if not flipped else
+              "differs from the literature for " + ", ".join(f"{a} / {b}" for a, b in flipped) + ".")]
+    missing = [n for n in published if n not in entries]
+    if missing:
+        lines.append(f"Published but not in this report: {', '.join(missing)}.")
+    return lines + [""]
 
 
 def convergence_row(name: str, entry: dict) -> str:
@@ -745,6 +779,7 @@ def run_compare(params: Params, project_dir: Path, entries: list[str] | None = N
                "profile": {k: v for k, v in measured.items() if k != "models"} if measured else None,
                "source_runs": sorted({str(r.source.run_dir.parent) for r in plan.runs if r.source}),
                "budget": dict(params.compare.set),
+               "literature": dict(params.compare.literature),
                "missing": [f"{r.entry} seed {r.seed}" for r in missing]}
     paths = report_paths(params, project_dir)
     write_report(summary, paths)

@@ -113,8 +113,8 @@ def test_open_mappings_take_new_entries_whose_names_may_hold_dots():
     assert tree["compare"]["entries"]["fda-0.01"]["set"] == {"inter.method": "fda"}
     assert tree["profile"]["models"]["big"] == {"width": 1.0}
     assert tree["sweep"]["space"]["rank.lambda"]["low"] == 0.2
-    assert {"compare.entries", "compare.entries.*.set", "compare.set", "sweep.space", "profile.models",
-            "prepare.builtin.conditions"} == OPEN_MAPPINGS
+    assert {"compare.entries", "compare.entries.*.set", "compare.set", "compare.literature", "sweep.space",
+            "profile.models", "prepare.builtin.conditions"} == OPEN_MAPPINGS
 
 
 @pytest.mark.parametrize("dotted, value, message", [

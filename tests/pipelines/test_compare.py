@@ -397,3 +397,22 @@ def test_the_curves_picture_and_the_convergence_table():
     assert "| source-only | s0: 100 / 100 (+5.0); s1: no val curve | 0 of 2 |" in text
     picture = curves_picture(result)
     assert picture[:8] == b"\x89PNG\r\n\x1a\n" and len(picture) > 5_000
+
+
+def test_ours_vs_the_literature_deltas_and_the_pairs_whose_order_differs():
+    from segshift.pipelines.compare import literature_lines
+
+    def entry(miou, baseline="source-only", delta=None, control=None):
+        return {"miou_mean": miou, "baseline": baseline, "delta_vs_source_only": delta, "delta_vs_control": control}
+    summary = {"literature": {"source-only": 36.6, "advent": 43.8, "dacs": 52.1, "fda-multiband": 50.5},
+               "entries": {"source-only": entry(0.183), "advent": entry(0.189, delta=0.006, control=-0.003),
+                           "dacs": entry(0.195, delta=0.012, control=0.003)}}
+    text = "\n".join(literature_lines(summary))
+    assert "| source-only | 36.6 | – | 18.3 | (reference) | – |" in text
+    assert "| advent | 43.8 | +7.2 | 18.9 | +0.6 | -0.3 |" in text
+    assert "| dacs | 52.1 | +15.5 | 19.5 | +1.2 | +0.3 |" in text
+    assert "Order of the methods: agrees with the literature." in text
+    assert "Published but not in this report: fda-multiband." in text
+    summary["entries"]["advent"]["miou_mean"] = 0.200           # advent above dacs: one pair flips
+    assert "differs from the literature for advent / dacs." in "\n".join(literature_lines(summary))
+    assert literature_lines({"literature": {}, "entries": summary["entries"]}) == []
