@@ -33,11 +33,12 @@ def _run(args: list[str], cwd: Path) -> str:
 def _fresh_project(tmp_path: Path, overrides: dict | None = None) -> Path:
     project = tmp_path / "project"
     project.mkdir(parents=True)
-    for name in ("components", "pipelines", ".dvc", "dvc.yaml", ".dvcignore"):
+    for name in ("components", "pipelines", ".dvc", "dvc.yaml", ".dvcignore", "segshift/__init__.py"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-        else:
+        else:   # segshift/__init__.py: a dep of every stage (the package the stages import)
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, project / name)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     for dotted, value in {**TINY_BUILTIN, **TINY_TRAINING, **(overrides or {})}.items():
