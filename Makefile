@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Run DVC stages with the venv's `segshift` on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-integration test-slow test-all bench gpu-check clean
+.PHONY: install repro test test-integration test-slow test-all bench bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test-all: install
 
 bench: install
 	$(BIN)/segshift bench
+
+# The engine's training step against a bare torch loop, FLOP/s and share of the CPU's peak, per
+# precision, layout and torch.compile (on a quiet machine: minutes, each compile included).
+bench-engine: install
+	$(BIN)/segshift bench engine
 
 # Every GPU path on one CUDA GPU (built to fit 10 min; not yet run on one): cuda tests, a step of every method, the main job,
 # R101 throughput and FLOP/s, profile -> reports/gpu-check/gpu_check.{json,md}. Skips without a GPU.
