@@ -54,8 +54,20 @@ def _one_torch_thread():
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    yield threads
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _every_thread_for_slow_tests(request, _one_torch_thread):
+    """The slow tests train real workloads (the calibration: minutes), where every core pays."""
+    import torch
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    torch.set_num_threads(_one_torch_thread)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
