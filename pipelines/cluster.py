@@ -79,7 +79,10 @@ def start_local_ray(params: Params) -> None:
     """
     import ray
     with loopback_node_address():
-        ray.init(num_cpus=params.ray.local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        # address="local": a new instance of our own, never one that another process on this
+        # machine started (ray.init would attach to it and refuse num_cpus)
+        ray.init(address="local", num_cpus=params.ray.local_num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1",
                  dashboard_port=None, _node_ip_address=LOOPBACK, ignore_reinit_error=True,
                  log_to_driver=True)
     node_ip = ray.util.get_node_ip_address()
