@@ -523,7 +523,7 @@ def compare_markdown(summary: dict) -> str:
         lines.append(f"| {name} | {_pct(e['miou_mean'])} ± {_pct(e['miou_std'])} | {per_seed} | {delta} "
                      f"| {control} | {100 * share:.1f} % | {e['method_seconds_mean']:.1f} | {e['total_seconds_mean']:.1f} |")
     if summary.get("missing"):
-        lines += ["", f"Not yet trained (left out of the means): {', '.join(summary['missing'])}."]
+        lines += ["", f"Not yet trained (left out of the means): {missing_text(summary['missing'])}."]
     lines += ["", "Stages: " + "; ".join(f"{n}: {' → '.join(e['stages'])}" for n, e in entries.items()) + ".",
               "",
               ("Wall time is the sum of the `seconds` of the stages an entry ran. Entries whose first stage "
@@ -792,6 +792,15 @@ def run_compare(params: Params, project_dir: Path, entries: list[str] | None = N
 README_BEGIN, README_END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
 
 
+def missing_text(missing: list[str]) -> str:
+    """["a seed 0", "b seed 0", "a seed 1"] -> "a (seeds 0, 1), b (seed 0)": the runs not yet trained."""
+    seeds: dict[str, list[str]] = {}
+    for run in missing:
+        entry, _, seed = run.rpartition(" seed ")
+        seeds.setdefault(entry, []).append(seed)
+    return ", ".join(f"{entry} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for entry, s in seeds.items())
+
+
 def readme_table(summary: dict) -> str:
     """The README's results block: per entry mean ± std (per seed), Δ vs source-only and vs the
     budget control, share of target pixels labelled; the budget and any missing runs named."""
@@ -800,7 +809,7 @@ def readme_table(summary: dict) -> str:
              f"`segshift compare --report-only --readme README.md`), mean ± std over the seeds shown, 2-core "
              f"CPU, the budget of `compare.set` ({budget}; entries may set their own, see `params.yaml`).", ""]
     if summary.get("missing"):
-        lines += [f"Not yet trained (left out of the means): {', '.join(summary['missing'])}.", ""]
+        lines += [f"Not yet trained (left out of the means): {missing_text(summary['missing'])}.", ""]
     lines += ["| entry | mIoU mean ± std (per seed) | Δ vs source-only | Δ vs budget control | target pixels labelled |",
               "|---|---|---|---|---|"]
     for name, e in summary["entries"].items():

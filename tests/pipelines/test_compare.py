@@ -355,7 +355,7 @@ def test_report_only_reads_the_records_names_missing_runs_and_writes_the_readme_
     assert text.startswith("# guide\n\n<!-- compare-table:begin -->\n") and text.endswith(
         "<!-- compare-table:end -->\n\nafter\n")
     assert "old table" not in text and f"| source-only | {100 * miou:.1f} ± 0.0 (s0: {100 * miou:.1f}) |" in text
-    assert "Not yet trained (left out of the means): minent seed 0, source-only seed 1, minent seed 1." in text
+    assert "Not yet trained (left out of the means): minent (seeds 0, 1), source-only (seed 1)." in text
     assert "Not yet trained" in (tmp_path / "reports" / "compare.md").read_text()
 
     readme.write_text("no markers\n")
